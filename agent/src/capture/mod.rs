@@ -1,0 +1,141 @@
+//! The eBPF side of capture: loading and pinning the programs and maps,
+//! attaching them to the cgroup, enrolling namespaces, and answering "where
+//! was this accepted connection really going?".
+
+mod log_pump;
+mod programs;
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::Mutex,
+};
+
+use ambit_common::{AF_INET, ClientKey, IpWords, MAP_ENROLLED, MAP_ORIG_DST, OriginalDst};
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, MapData};
+
+pub use programs::LoadedPrograms;
+
+use crate::config::CaptureConfig;
+
+/// The agent's live handle on the capture programs.
+pub struct Capture {
+    enrolled: Mutex<HashMap<MapData, u64, u32>>,
+    orig_dst: Mutex<HashMap<MapData, ClientKey, OriginalDst>>,
+    programs: LoadedPrograms,
+}
+
+impl Capture {
+    /// Loads the programs (reusing maps pinned by a previous agent), attaches
+    /// them to the cgroup, and replaces any links a previous agent pinned.
+    pub fn start(config: &CaptureConfig) -> Result<Self> {
+        let mut programs = LoadedPrograms::load_and_attach(config)?;
+        let ebpf = programs.ebpf_mut();
+        let enrolled = HashMap::try_from(
+            ebpf.take_map(MAP_ENROLLED)
+                .context("eBPF object has no enrollment map")?,
+        )?;
+        let orig_dst = HashMap::try_from(
+            ebpf.take_map(MAP_ORIG_DST)
+                .context("eBPF object has no original-destination map")?,
+        )?;
+        Ok(Self {
+            enrolled: Mutex::new(enrolled),
+            orig_dst: Mutex::new(orig_dst),
+            programs,
+        })
+    }
+
+    pub fn enroll(&self, netns_cookie: u64) -> Result<()> {
+        self.enrolled
+            .lock()
+            .expect("enrollment map lock")
+            .insert(netns_cookie, 1, 0)
+            .context("adding a namespace to the enrollment map")
+    }
+
+    pub fn unenroll(&self, netns_cookie: u64) -> Result<()> {
+        match self
+            .enrolled
+            .lock()
+            .expect("enrollment map lock")
+            .remove(&netns_cookie)
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing a namespace from the enrollment map"),
+        }
+    }
+
+    /// Cookies currently in the (possibly inherited) enrollment map.
+    pub fn enrolled_cookies(&self) -> Vec<u64> {
+        let map = self.enrolled.lock().expect("enrollment map lock");
+        map.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Takes the original destination of a connection accepted on the
+    /// outbound listener of the namespace `netns_cookie` from `client`.
+    pub fn take_original_dst(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
+        let key = client_key(netns_cookie, client);
+        let mut map = self.orig_dst.lock().expect("orig dst map lock");
+        let dst = map.get(&key, 0).ok()?;
+        // The sock_ops program also deletes it at close; whoever is first wins.
+        let _ = map.remove(&key);
+        Some(socket_addr(&dst))
+    }
+
+    /// Detaches the programs and removes every pin (for `--cleanup-on-exit`).
+    pub fn remove_pins(self) -> Result<()> {
+        self.programs.remove_pins()
+    }
+}
+
+fn client_key(netns_cookie: u64, client: SocketAddr) -> ClientKey {
+    let v6 = match client.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    ClientKey {
+        netns_cookie,
+        addr: IpWords::from_octets(v6.octets()),
+        port: client.port(),
+        _pad: [0; 6],
+    }
+}
+
+fn socket_addr(dst: &OriginalDst) -> SocketAddr {
+    let v6 = Ipv6Addr::from(dst.addr.octets());
+    let ip = match (dst.family, v6.to_ipv4_mapped()) {
+        (AF_INET, Some(v4)) => IpAddr::V4(v4),
+        _ => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, dst.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_keys_use_the_ipv4_mapped_form_the_kernel_reports() {
+        let key = client_key(7, "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(
+            Ipv6Addr::from(key.addr.octets()),
+            "::ffff:127.0.0.1".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!((key.netns_cookie, key.port), (7, 40000));
+    }
+
+    #[test]
+    fn original_destinations_round_trip_both_families() {
+        for text in ["198.18.0.11:8080", "[fd00:a5b1::11]:443"] {
+            let addr: SocketAddr = text.parse().unwrap();
+            let key = client_key(1, addr);
+            let dst = OriginalDst {
+                addr: key.addr,
+                port: addr.port(),
+                family: if addr.is_ipv4() { AF_INET } else { ambit_common::AF_INET6 },
+            };
+            assert_eq!(socket_addr(&dst), addr);
+        }
+    }
+}

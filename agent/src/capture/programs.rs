@@ -1,0 +1,135 @@
+//! Loading, attaching and pinning the capture programs.
+
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+};
+
+use ambit_common::{GLOBAL_OUTBOUND_PORT, GLOBAL_SOCKET_MARK};
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+};
+use tokio::task::JoinHandle;
+
+use super::log_pump;
+use crate::{config::CaptureConfig, preflight};
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-capture"));
+
+/// Program function names in the object, and the file each one's cgroup link
+/// is pinned under.
+const PROGRAMS: [(&str, &str); 3] = [
+    ("ambit_connect4", "link_connect4"),
+    ("ambit_connect6", "link_connect6"),
+    ("ambit_sockops", "link_sockops"),
+];
+
+pub struct LoadedPrograms {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    log_pump: JoinHandle<()>,
+}
+
+impl LoadedPrograms {
+    pub fn load_and_attach(config: &CaptureConfig) -> Result<Self> {
+        preflight::check_capabilities()?;
+        let cgroup_dir = preflight::cgroup_dir(config.cgroup_path.as_deref())?;
+        preflight::check_bpffs(&config.bpf_pin_dir)?;
+        let pin_dir = config.bpf_pin_dir.clone();
+        fs::create_dir_all(&pin_dir)
+            .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
+
+        let log_level = log_pump::kernel_log_level();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .override_global(GLOBAL_SOCKET_MARK, &config.socket_mark, true)
+            .override_global(GLOBAL_OUTBOUND_PORT, &config.outbound_port, true)
+            .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .load(EBPF_OBJECT)
+            .with_context(|| {
+                format!(
+                    "loading the eBPF object with maps pinned in {dir}. If another Ambit \
+                     version pinned incompatible maps there, stop it and remove {dir}",
+                    dir = pin_dir.display()
+                )
+            })?;
+        let log_pump = log_pump::spawn(&mut ebpf)?;
+
+        let cgroup = File::open(&cgroup_dir)
+            .with_context(|| format!("opening cgroup {}", cgroup_dir.display()))?;
+        for (name, pin) in PROGRAMS {
+            let link = attach(&mut ebpf, name, &cgroup).with_context(|| {
+                format!(
+                    "attaching eBPF program {name} to cgroup {}. The kernel needs \
+                     CONFIG_CGROUP_BPF and BPF links on cgroups (Linux 5.7 or newer)",
+                    cgroup_dir.display()
+                )
+            })?;
+            replace_pinned_link(link, &pin_dir.join(pin))?;
+        }
+        tracing::info!(
+            cgroup = %cgroup_dir.display(),
+            pin_dir = %pin_dir.display(),
+            mark = format_args!("{:#x}", config.socket_mark),
+            "capture programs attached"
+        );
+        Ok(Self {
+            ebpf,
+            pin_dir,
+            log_pump,
+        })
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Detaches every program (by dropping the last reference to its link)
+    /// and removes the pinned maps.
+    pub fn remove_pins(self) -> Result<()> {
+        self.log_pump.abort();
+        for entry in fs::read_dir(&self.pin_dir)? {
+            let path = entry?.path();
+            fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        }
+        fs::remove_dir(&self.pin_dir)
+            .with_context(|| format!("removing {}", self.pin_dir.display()))?;
+        tracing::info!(pin_dir = %self.pin_dir.display(), "capture programs detached and unpinned");
+        Ok(())
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> Result<FdLink> {
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("eBPF object has no program {name}"))?;
+    // Links always coexist on a cgroup; AllowMultiple is rejected for links.
+    let mode = CgroupAttachMode::Single;
+    if let Ok(program) = <&mut CgroupSockAddr>::try_from(&mut *program) {
+        program.load()?;
+        let id = program.attach(cgroup, mode)?;
+        Ok(program.take_link(id)?.try_into()?)
+    } else {
+        let program: &mut SockOps = program.try_into()?;
+        program.load()?;
+        let id = program.attach(cgroup, mode)?;
+        Ok(program.take_link(id)?.try_into()?)
+    }
+}
+
+/// Pins `link` at `path`, releasing a link a previous agent pinned there.
+/// The new link is attached before the old one goes, so capture never lapses
+/// (the programs are idempotent when both run).
+fn replace_pinned_link(link: FdLink, path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => tracing::info!(pin = %path.display(), "replaced the link of a previous agent"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale pin {}", path.display())),
+    }
+    // The pin keeps the link attached after this handle is dropped.
+    link.pin(path)
+        .with_context(|| format!("pinning link at {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! Settings of a running agent, from the command line.
+
+use std::{path::PathBuf, time::Duration};
+
+use ambit_common::{DEFAULT_SOCKET_MARK, OUTBOUND_PORT};
+
+/// Where to find the kernel objects the agent works with, and how it marks
+/// and names its own sockets.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// cgroup v2 directory the programs attach to; `None` = the cgroup v2 root
+    /// found in /proc/self/mountinfo.
+    pub cgroup_path: Option<PathBuf>,
+    /// Directory on a bpffs where maps and links are pinned, so the programs
+    /// keep failing closed while the agent restarts.
+    pub bpf_pin_dir: PathBuf,
+    pub socket_mark: u32,
+    pub outbound_port: u16,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            cgroup_path: None,
+            bpf_pin_dir: PathBuf::from("/sys/fs/bpf/ambit"),
+            socket_mark: DEFAULT_SOCKET_MARK,
+            outbound_port: OUTBOUND_PORT,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub capture: CaptureConfig,
+    pub workloads_file: PathBuf,
+    /// How often the workloads file is re-read.
+    pub reload_interval: Duration,
+    pub connect_timeout: Duration,
+    /// On SIGTERM/SIGINT, detach the programs and remove the pins instead of
+    /// leaving enrolled pods failing closed until the next agent starts.
+    pub cleanup_on_exit: bool,
+}

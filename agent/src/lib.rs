@@ -1,0 +1,12 @@
+//! Ambit: a sidecar-less, eBPF-assisted transparent mTLS node agent.
+//!
+//! The binary (`ambit`) is a thin CLI over these modules; see docs/architecture.md.
+
+pub mod agent;
+pub mod capture;
+pub mod config;
+pub mod netns;
+pub mod preflight;
+pub mod proxy;
+pub mod telemetry;
+pub mod workloads;

@@ -1,0 +1,139 @@
+//! What runs on this node: the workload model, the enrollment rule, and the
+//! sources that report workloads (a local file now, Kubernetes later).
+
+pub mod file;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use serde::Deserialize;
+
+/// The label that enrolls a namespace or pod (`enabled`) or opts a pod out
+/// (`disabled`).
+pub const MESH_LABEL: &str = "ambit.dev/mesh";
+
+pub type Labels = BTreeMap<String, String>;
+
+/// A pod as the agent needs to know it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: Labels,
+    /// The pod's network namespace, e.g. /var/run/netns/NAME.
+    pub netns: PathBuf,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// The node the pod runs on; absent means this agent's node.
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+/// A Kubernetes namespace's labels (only those matter for enrollment).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadKey<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+impl fmt::Display for WorkloadKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl Workload {
+    pub fn key(&self) -> WorkloadKey<'_> {
+        WorkloadKey {
+            namespace: &self.namespace,
+            name: &self.name,
+        }
+    }
+
+    /// `namespace/name`, for logs and map keys.
+    pub fn id(&self) -> String {
+        self.key().to_string()
+    }
+}
+
+/// Everything a workload source reports about this node at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeWorkloads {
+    pub node: String,
+    pub namespaces: Vec<Namespace>,
+    pub workloads: Vec<Workload>,
+}
+
+impl NodeWorkloads {
+    /// The workloads this agent must capture: on this node, and enrolled by
+    /// label. A pod's own label wins over its namespace's.
+    pub fn enrolled(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.iter().filter(|w| {
+            let on_this_node = w.node.as_deref().is_none_or(|n| n == self.node);
+            let namespace_labels = self
+                .namespaces
+                .iter()
+                .find(|ns| ns.name == w.namespace)
+                .map(|ns| &ns.labels);
+            on_this_node && is_enrolled(&w.labels, namespace_labels)
+        })
+    }
+}
+
+/// The enrollment rule of DESIGN.md §4.
+pub fn is_enrolled(pod_labels: &Labels, namespace_labels: Option<&Labels>) -> bool {
+    match pod_labels.get(MESH_LABEL).map(String::as_str) {
+        Some("enabled") => true,
+        Some("disabled") => false,
+        _ => namespace_labels
+            .and_then(|l| l.get(MESH_LABEL))
+            .is_some_and(|v| v == "enabled"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn enrollment_follows_pod_then_namespace_labels() {
+        let on = labels(&[(MESH_LABEL, "enabled")]);
+        let off = labels(&[(MESH_LABEL, "disabled")]);
+        let none = labels(&[("app", "x")]);
+        let cases = [
+            (&none, None, false),
+            (&none, Some(&none), false),
+            (&none, Some(&on), true),
+            (&on, None, true),
+            (&on, Some(&off), true),
+            (&off, Some(&on), false),
+            (&labels(&[(MESH_LABEL, "bogus")]), Some(&on), true),
+            (&none, Some(&off), false),
+        ];
+        for (pod, ns, want) in cases {
+            assert_eq!(is_enrolled(pod, ns), want, "pod {pod:?} ns {ns:?}");
+        }
+    }
+}

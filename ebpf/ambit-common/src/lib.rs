@@ -1,0 +1,111 @@
+//! Types shared by the eBPF programs (`ambit-ebpf`) and the agent.
+//!
+//! Every type here is `#[repr(C)]`, has no implicit padding, and is used as a
+//! BPF map key or value, so both sides must agree on its exact layout.
+#![no_std]
+
+/// Default SO_MARK carried by every socket the agent opens; the programs pass
+/// marked sockets through so the agent's own traffic is never captured again.
+pub const DEFAULT_SOCKET_MARK: u32 = 0x0a3b;
+/// Port of the outbound listener the agent opens inside each enrolled pod.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// Names of the maps, as pinned under the agent's bpffs directory.
+pub const MAP_ENROLLED: &str = "AMBIT_ENROLLED";
+pub const MAP_PENDING: &str = "AMBIT_PENDING";
+pub const MAP_ORIG_DST: &str = "AMBIT_ORIG_DST";
+/// Names of the globals the agent sets at load time.
+pub const GLOBAL_SOCKET_MARK: &str = "AMBIT_SOCKET_MARK";
+pub const GLOBAL_OUTBOUND_PORT: &str = "AMBIT_OUTBOUND_PORT";
+
+/// Capacity of the per-connection maps. They are LRU maps, so a burst beyond
+/// this evicts the oldest entries instead of failing new connections.
+pub const CONNECTION_MAP_CAPACITY: u32 = 65_536;
+/// Capacity of the enrollment map (pods on one node).
+pub const ENROLLED_MAP_CAPACITY: u32 = 4_096;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// An IP address in IPv6 form (IPv4 as `::ffff:a.b.c.d`), as four 32-bit words
+/// holding the address bytes in network order, exactly as the kernel's
+/// `user_ip6`/`local_ip6` context fields do.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpWords(pub [u32; 4]);
+
+impl IpWords {
+    /// The IPv4-mapped form of an IPv4 address given as a network-order word.
+    #[inline(always)]
+    pub const fn from_ipv4_word(word: u32) -> Self {
+        IpWords([0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), word])
+    }
+
+    #[inline(always)]
+    pub const fn from_octets(o: [u8; 16]) -> Self {
+        IpWords([
+            u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+            u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+            u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+        ])
+    }
+
+    pub const fn octets(&self) -> [u8; 16] {
+        let [a, b, c, d] = self.0;
+        let (a, b, c, d) = (
+            a.to_ne_bytes(),
+            b.to_ne_bytes(),
+            c.to_ne_bytes(),
+            d.to_ne_bytes(),
+        );
+        [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ]
+    }
+}
+
+/// The destination an application asked for before connect4/6 rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginalDst {
+    pub addr: IpWords,
+    /// Host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`: the family the application dialled.
+    pub family: u16,
+}
+
+/// The application's end of a captured connection, as the agent sees it when
+/// it accepts on the pod's outbound listener: the pod's network namespace
+/// plus the client's loopback address and ephemeral port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub netns_cookie: u64,
+    pub addr: IpWords,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Per-socket state between connect and close, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PendingConnection {
+    pub dst: OriginalDst,
+    pub _pad: u32,
+    /// Valid once `established` is 1: the key under which `dst` was published.
+    pub client: ClientKey,
+    pub established: u32,
+    pub _pad2: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C) plain data with explicit padding fields.
+    unsafe impl aya::Pod for super::OriginalDst {}
+    unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::PendingConnection {}
+}

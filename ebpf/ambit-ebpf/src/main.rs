@@ -1,0 +1,239 @@
+//! Ambit's eBPF programs.
+//!
+//! * `connect4`/`connect6` (cgroup_sock_addr) rewrite the destination of TCP
+//!   connects made inside an enrolled network namespace to the agent's
+//!   outbound listener in that namespace, remembering the original
+//!   destination under the socket's cookie.
+//! * `sockops` publishes that destination under the client's (netns, address,
+//!   port) once the connection is established, which is what the agent sees
+//!   after accept(), and deletes every trace of the connection when it closes.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+use ambit_common::{
+    AF_INET, AF_INET6, CONNECTION_MAP_CAPACITY, ClientKey, ENROLLED_MAP_CAPACITY, IpWords,
+    OUTBOUND_PORT, OriginalDst, PendingConnection,
+};
+use aya_ebpf::{
+    Global,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{HashMap, LruHashMap},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, warn};
+
+/// Allow the connect to proceed (with whatever address we left in the context).
+const ALLOW: i32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const TCP_CLOSE: u32 = 7;
+
+#[unsafe(no_mangle)]
+static AMBIT_SOCKET_MARK: Global<u32> = Global::new(ambit_common::DEFAULT_SOCKET_MARK);
+#[unsafe(no_mangle)]
+static AMBIT_OUTBOUND_PORT: Global<u16> = Global::new(OUTBOUND_PORT);
+
+/// Enrolled network namespaces, by netns cookie. Written only by the agent.
+#[map(name = "AMBIT_ENROLLED")]
+static ENROLLED: HashMap<u64, u32> = HashMap::pinned(ENROLLED_MAP_CAPACITY, 0);
+
+/// Captured sockets between connect and close, by socket cookie.
+#[map(name = "AMBIT_PENDING")]
+static PENDING: LruHashMap<u64, PendingConnection> =
+    LruHashMap::pinned(CONNECTION_MAP_CAPACITY, 0);
+
+/// Original destinations of established captured connections, by client end.
+/// The agent deletes an entry when it accepts the connection.
+#[map(name = "AMBIT_ORIG_DST")]
+static ORIG_DST: LruHashMap<ClientKey, OriginalDst> =
+    LruHashMap::pinned(CONNECTION_MAP_CAPACITY, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(netns_cookie) = captured_netns(&ctx, sa) else {
+        return ALLOW;
+    };
+    let ip4 = sa.user_ip4;
+    // Loopback stays inside the pod: nothing to secure, and it is how the
+    // application reaches its own sidecar-free listeners.
+    if is_ipv4_loopback(ip4) || ip4 == 0 {
+        return ALLOW;
+    }
+    let dst = OriginalDst {
+        addr: IpWords::from_ipv4_word(ip4),
+        port: u16::from_be(sa.user_port as u16),
+        family: AF_INET,
+    };
+    if remember(&ctx, netns_cookie, dst) {
+        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        sa.user_port = u32::from(AMBIT_OUTBOUND_PORT.load().to_be());
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in connect4.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(netns_cookie) = captured_netns(&ctx, sa) else {
+        return ALLOW;
+    };
+    let words = [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ];
+    let addr = IpWords(words);
+    let v4_mapped = words[0] == 0 && words[1] == 0 && words[2] == IpWords::from_ipv4_word(0).0[2];
+    let loopback6 = words[0] == 0 && words[1] == 0 && words[2] == 0 && words[3] == 1u32.to_be();
+    let unspecified = words[0] | words[1] | words[2] | words[3] == 0;
+    if loopback6 || unspecified || (v4_mapped && is_ipv4_loopback(words[3])) {
+        return ALLOW;
+    }
+    let dst = OriginalDst {
+        addr,
+        port: u16::from_be(sa.user_port as u16),
+        family: if v4_mapped { AF_INET } else { AF_INET6 },
+    };
+    if remember(&ctx, netns_cookie, dst) {
+        // A dual-stack socket dialling an IPv4 peer reaches the IPv4 listener.
+        let target = if v4_mapped {
+            IpWords::from_ipv4_word(u32::from_ne_bytes([127, 0, 0, 1]))
+        } else {
+            IpWords::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+        };
+        sa.user_ip6[0] = target.0[0];
+        sa.user_ip6[1] = target.0[1];
+        sa.user_ip6[2] = target.0[2];
+        sa.user_ip6[3] = target.0[3];
+        sa.user_port = u32::from(AMBIT_OUTBOUND_PORT.load().to_be());
+    }
+    ALLOW
+}
+
+/// The netns cookie if this connect is one we capture: a TCP socket not opened
+/// by the agent, inside an enrolled network namespace.
+#[inline(always)]
+fn captured_netns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<u64> {
+    if sa.protocol != IPPROTO_TCP {
+        return None;
+    }
+    // SAFETY: `sk` is always set for connect hooks.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if sk.is_null() || unsafe { (*sk).mark } == AMBIT_SOCKET_MARK.load() {
+        return None;
+    }
+    // SAFETY: helper allowed for cgroup_sock_addr programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+    ENROLLED.get_ptr(netns_cookie)?;
+    Some(netns_cookie)
+}
+
+#[inline(always)]
+fn is_ipv4_loopback(word: u32) -> bool {
+    word.to_ne_bytes()[0] == 127
+}
+
+/// Records the original destination; false (and the connect is left alone,
+/// so it fails against the real peer's policy rather than vanishing) only if
+/// the map rejects the entry.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, netns_cookie: u64, dst: OriginalDst) -> bool {
+    // SAFETY: helper allowed for cgroup_sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let pending = PendingConnection {
+        dst,
+        client: ClientKey {
+            netns_cookie,
+            ..ClientKey::default()
+        },
+        ..PendingConnection::default()
+    };
+    match PENDING.insert(cookie, pending, 0) {
+        Ok(()) => {
+            debug!(ctx, "captured connect: netns {} port {}", netns_cookie, dst.port);
+            true
+        }
+        Err(err) => {
+            warn!(ctx, "ambit: cannot record original destination: {}", err);
+            false
+        }
+    }
+}
+
+#[sock_ops]
+pub fn ambit_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
+        _ => {}
+    }
+    0
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: helper allowed for sock_ops programs.
+    unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
+}
+
+/// Ask for state callbacks on captured sockets only, so that we see their close.
+fn on_connect(ctx: &SockOpsContext) {
+    if PENDING.get_ptr(socket_cookie(ctx)).is_some() {
+        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+        let _ = ctx.set_cb_flags(flags as i32);
+    }
+}
+
+fn on_established(ctx: &SockOpsContext) {
+    let Some(pending) = PENDING.get_ptr_mut(socket_cookie(ctx)) else {
+        return;
+    };
+    // SAFETY: pointer returned by a successful lookup of this map.
+    let pending = unsafe { &mut *pending };
+    let addr = if ctx.family() == u32::from(AF_INET6) {
+        IpWords(ctx.local_ip6())
+    } else {
+        IpWords::from_ipv4_word(ctx.local_ip4())
+    };
+    pending.client.addr = addr;
+    pending.client.port = ctx.local_port() as u16;
+    pending.established = 1;
+    if ORIG_DST.insert(pending.client, pending.dst, 0).is_err() {
+        warn!(ctx, "ambit: cannot publish original destination");
+    }
+}
+
+fn on_close(ctx: &SockOpsContext) {
+    let cookie = socket_cookie(ctx);
+    if let Some(pending) = PENDING.get_ptr(cookie) {
+        // SAFETY: pointer returned by a successful lookup of this map.
+        let pending = unsafe { &*pending };
+        if pending.established == 1 {
+            let _ = ORIG_DST.remove(pending.client);
+        }
+        let _ = PENDING.remove(cookie);
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// On the host this crate only type-checks and lints.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,230 @@
+//! Running the real `ambit` agent on a simulated node.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Child,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{Pod, Testbed, exec, wait_until};
+
+/// A pod as listed in the agent's workloads file.
+#[derive(Clone, Debug)]
+pub struct WorkloadEntry {
+    pub pod: Pod,
+    pub namespace: String,
+    pub service_account: String,
+    pub enrolled: bool,
+}
+
+impl WorkloadEntry {
+    /// A pod labelled `ambit.dev/mesh: enabled`, service account = pod name.
+    pub fn enrolled(pod: &Pod) -> Self {
+        Self {
+            pod: pod.clone(),
+            namespace: "default".into(),
+            service_account: pod.name.clone(),
+            enrolled: true,
+        }
+    }
+
+    /// A pod labelled `ambit.dev/mesh: disabled`.
+    pub fn opted_out(pod: &Pod) -> Self {
+        Self {
+            enrolled: false,
+            ..Self::enrolled(pod)
+        }
+    }
+}
+
+/// The `ambit` binary under test: $AMBIT_BIN, else the workspace's debug build.
+pub fn agent_binary() -> Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = match std::env::var_os("AMBIT_BIN") {
+        Some(bin) => workspace.join(bin),
+        None => workspace.join("target/debug/ambit"),
+    };
+    if !path.exists() {
+        bail!(
+            "agent binary {} not found: build it with `cargo build -p ambit-agent` \
+             (or set AMBIT_BIN)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Where the agent runs: its node's network namespace, in a cgroup below
+/// the node's (so its own sockets meet the capture programs, as on a node).
+struct AgentPlace {
+    netns: String,
+    cgroup: PathBuf,
+}
+
+impl exec::Host for AgentPlace {
+    fn netns(&self) -> &str {
+        &self.netns
+    }
+    fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+    fn label(&self) -> &str {
+        "agent"
+    }
+}
+
+/// A running agent. Its JSON log is `<testbed dir>/<name>.err`.
+pub struct Agent {
+    pub name: String,
+    pub pid: u32,
+    pub log_path: PathBuf,
+    pub workloads_file: PathBuf,
+    pub bpf_pin_dir: PathBuf,
+    children: Arc<Mutex<Vec<Child>>>,
+}
+
+impl Testbed {
+    /// Writes `<dir>/workloads-n<node>.yaml` for the agent of `node`.
+    pub fn write_workloads(&self, node: usize, entries: &[WorkloadEntry]) -> Result<PathBuf> {
+        let workloads: Vec<Value> = entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "name": e.pod.name,
+                    "namespace": e.namespace,
+                    "serviceAccount": e.service_account,
+                    "labels": {
+                        "app": e.pod.name,
+                        "ambit.dev/mesh": if e.enrolled { "enabled" } else { "disabled" },
+                    },
+                    "netns": e.pod.netns_path(),
+                    "ips": [e.pod.ipv4.to_string(), e.pod.ipv6.to_string()],
+                    "node": format!("node{}", e.pod.node),
+                })
+            })
+            .collect();
+        // JSON is YAML; the agent reads either.
+        let doc = json!({ "node": format!("node{node}"), "workloads": workloads });
+        let path = self.dir.path().join(format!("workloads-n{node}.yaml"));
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&doc)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    /// Starts an agent on `node` for `entries` and waits until it is ready.
+    pub fn start_agent(&self, node: usize, entries: &[WorkloadEntry]) -> Result<Agent> {
+        self.write_workloads(node, entries)?;
+        self.start_agent_with(node, &[])
+    }
+
+    /// Starts an agent on `node` with the node's current workloads file and
+    /// extra `ambit run` arguments, and waits until it is ready.
+    pub fn start_agent_with(&self, node: usize, extra: &[&str]) -> Result<Agent> {
+        let node = self.node(node).clone();
+        let workloads_file = self.dir.path().join(format!("workloads-n{}.yaml", node.index));
+        let place = AgentPlace {
+            netns: node.netns.clone(),
+            cgroup: node.cgroup.join("agent"),
+        };
+        std::fs::create_dir_all(&place.cgroup)?;
+        let restarts = std::fs::read_dir(self.dir.path())?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("agent-n{}-", node.index)))
+            .count()
+            / 2;
+        let name = format!("agent-n{}-{restarts}", node.index);
+        let binary = agent_binary()?;
+        let mut cmd = exec::command(&place, binary.to_str().unwrap(), &[]);
+        cmd.args(["--log-format", "json", "run", "--workloads"])
+            .arg(&workloads_file)
+            .arg("--cgroup-path")
+            .arg(&node.cgroup)
+            .arg("--bpf-pin-dir")
+            .arg(&node.bpf_pin_dir)
+            .args(["--reload-interval-ms", "100"])
+            .args(extra);
+        if std::env::var_os("AMBIT_LOG").is_none() {
+            cmd.env("AMBIT_LOG", "info");
+        }
+        let pid = self.spawn_command(&mut cmd, &name)?;
+        let agent = Agent {
+            log_path: self.dir.path().join(format!("{name}.err")),
+            name,
+            pid,
+            workloads_file,
+            bpf_pin_dir: node.bpf_pin_dir.clone(),
+            children: Arc::clone(&self.children),
+        };
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+}
+
+impl Agent {
+    fn wait_ready(&self) -> Result<()> {
+        wait_until(Duration::from_secs(30), || {
+            if self.has_exited() {
+                bail!("agent exited during start-up:\n{}", self.raw_log());
+            }
+            Ok(self.logs().iter().any(|l| message(l) == "agent ready"))
+        })
+        .with_context(|| format!("agent {} did not become ready:\n{}", self.name, self.raw_log()))
+    }
+
+    pub fn raw_log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Every JSON record the agent logged so far.
+    pub fn logs(&self) -> Vec<Value> {
+        self.raw_log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Records whose message is `msg`.
+    pub fn records(&self, msg: &str) -> Vec<Value> {
+        self.logs().into_iter().filter(|l| message(l) == msg).collect()
+    }
+
+    /// Waits for `count` records with message `msg`, and returns them all.
+    pub fn wait_for_records(&self, msg: &str, count: usize, timeout: Duration) -> Result<Vec<Value>> {
+        wait_until(timeout, || Ok(self.records(msg).len() >= count)).with_context(|| {
+            format!(
+                "expected {count} {msg:?} records, found {}",
+                self.records(msg).len()
+            )
+        })?;
+        Ok(self.records(msg))
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: plain kill(2) on a pid we spawned and have not reaped.
+        unsafe { libc::kill(self.pid as libc::pid_t, signal) };
+    }
+
+    pub fn has_exited(&self) -> bool {
+        let mut children = self.children.lock().unwrap();
+        children
+            .iter_mut()
+            .find(|c| c.id() == self.pid)
+            .is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn stop_with(&self, signal: libc::c_int) -> Result<()> {
+        self.signal(signal);
+        wait_until(Duration::from_secs(20), || Ok(self.has_exited()))
+            .with_context(|| format!("agent {} did not exit", self.name))
+    }
+}
+
+pub fn message(record: &Value) -> &str {
+    record["message"].as_str().unwrap_or_default()
+}

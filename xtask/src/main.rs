@@ -1,0 +1,91 @@
+//! `cargo xtask setup | test | demo | bench`: everything a fresh machine
+//! needs, in one place.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Ambit project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh Debian machine lacks (idempotent) and mount bpffs.
+    Setup,
+    /// Lint and run the whole test suite, end-to-end tests included.
+    Test {
+        /// Extra arguments for cargo nextest (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the demo: a simulated node with pods, an agent, and real clients.
+    Demo,
+    /// Run the mesh benchmark (plain vs captured traffic) and criterion benches.
+    Bench,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => test(&args),
+        Task::Demo => demo(),
+        Task::Bench => bench(),
+    }
+}
+
+/// Runs a command, echoing it, and fails on a non-zero exit.
+pub fn exec(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    setup::run()?;
+    exec(cargo().args(["fmt", "--all", "--check"]))?;
+    exec(cargo().args(["fmt", "--manifest-path", "ebpf/ambit-ebpf/Cargo.toml", "--check"]))?;
+    exec(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    exec(cargo().args(["build", "--workspace", "--bins"]))?;
+    exec(cargo()
+        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+        .args(extra))
+}
+
+fn demo() -> Result<()> {
+    setup::run()?;
+    exec(cargo().args(["build", "--release", "--package", "ambit-agent"]))?;
+    exec(cargo()
+        .args(["run", "--release", "--package", "ambit-testbed", "--bin", "ambit-demo"])
+        .env("AMBIT_BIN", "target/release/ambit"))
+}
+
+fn bench() -> Result<()> {
+    setup::run()?;
+    exec(cargo().args(["build", "--release", "--package", "ambit-agent"]))?;
+    exec(cargo()
+        .args(["run", "--release", "--package", "ambit-benches", "--bin", "mesh-bench"])
+        .env("AMBIT_BIN", "target/release/ambit"))
+}

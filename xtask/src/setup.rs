@@ -1,0 +1,138 @@
+//! Idempotent machine setup. Every step checks first and says what it did.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::exec;
+
+/// Debian packages, each with a file that proves it is installed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    ("bpftool", "/usr/sbin/bpftool"),
+    ("iproute2", "/usr/sbin/ip"),
+    ("curl", "/usr/bin/curl"),
+    ("socat", "/usr/bin/socat"),
+    ("openssl", "/usr/bin/openssl"),
+    ("tcpdump", "/usr/bin/tcpdump"),
+    ("tshark", "/usr/bin/tshark"),
+    ("iperf3", "/usr/bin/iperf3"),
+    ("python3", "/usr/bin/python3"),
+    ("util-linux", "/usr/bin/setpriv"),
+];
+
+pub fn run() -> Result<()> {
+    if !is_root() {
+        bail!("setup needs root (apt-get, mounting bpffs, loading eBPF): run it as root");
+    }
+    let mut did = Vec::new();
+    install_packages(&mut did)?;
+    rustup_components(&mut did)?;
+    cargo_tools(&mut did)?;
+    mount_bpffs(&mut did)?;
+    if did.is_empty() {
+        eprintln!("setup: nothing to do, the machine is ready");
+    } else {
+        eprintln!("setup: {}", did.join("; "));
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn install_packages(did: &mut Vec<String>) -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, proof)| !Path::new(proof).exists())
+        .map(|(name, _)| *name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    exec(Command::new("apt-get").args(["update", "-q"]))?;
+    exec(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    did.push(format!("installed {}", missing.join(" ")));
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rustup_components(did: &mut Vec<String>) -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        bail!(
+            "no nightly Rust toolchain: the eBPF programs need one (`rustup toolchain install \
+             nightly --component rust-src`)"
+        );
+    }
+    for (toolchain, component) in [
+        ("nightly", "rust-src"),
+        ("stable", "clippy"),
+        ("stable", "rustfmt"),
+        ("nightly", "rustfmt"),
+    ] {
+        let installed = output(Command::new("rustup").args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            toolchain,
+        ]))?;
+        if !installed.lines().any(|l| l.starts_with(component)) {
+            exec(Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]))?;
+            did.push(format!("added {component} to {toolchain}"));
+        }
+    }
+    Ok(())
+}
+
+fn on_path(binary: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {binary}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn cargo_tools(did: &mut Vec<String>) -> Result<()> {
+    if !on_path("bpf-linker") {
+        // bpf-linker must link against the LLVM that nightly rustc uses.
+        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        exec(Command::new("cargo")
+            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path))?;
+        did.push("installed bpf-linker".into());
+    }
+    if !on_path("cargo-nextest") {
+        exec(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))?;
+        did.push("installed cargo-nextest".into());
+    }
+    Ok(())
+}
+
+fn mount_bpffs(did: &mut Vec<String>) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+        && l.split_whitespace().nth(2) == Some("bpf"))
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf")?;
+    exec(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    did.push("mounted bpffs at /sys/fs/bpf".into());
+    Ok(())
+}
