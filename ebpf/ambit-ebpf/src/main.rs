@@ -26,6 +26,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
+use core::ptr::read_volatile;
 
 /// Allow the connect to proceed (with whatever address we left in the context).
 const ALLOW: i32 = 1;
@@ -199,10 +200,27 @@ fn on_established(ctx: &SockOpsContext) {
     };
     // SAFETY: pointer returned by a successful lookup of this map.
     let pending = unsafe { &mut *pending };
-    let addr = if ctx.family() == u32::from(AF_INET6) {
-        IpWords(ctx.local_ip6())
+    // Read every context field unconditionally with its own load: the
+    // verifier rejects the computed context offsets the compiler would
+    // otherwise produce for a branch between the v4 and v6 fields.
+    let ops = ctx.ops;
+    // SAFETY: plain loads from the live sock_ops context.
+    let (family, ip4, ip6) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ],
+        )
+    };
+    let addr = if family == u32::from(AF_INET6) {
+        IpWords(ip6)
     } else {
-        IpWords::from_ipv4_word(ctx.local_ip4())
+        IpWords::from_ipv4_word(ip4)
     };
     pending.client.addr = addr;
     pending.client.port = ctx.local_port() as u16;
