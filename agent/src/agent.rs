@@ -46,7 +46,9 @@ pub struct Agent {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: RunConfig) -> Result<()> {
-    // A bad workloads file is reported before the kernel is touched.
+    // Missing privileges first (they also explain unreadable files), then a
+    // bad workloads file, both before the kernel is touched.
+    crate::preflight::check_capabilities()?;
     let mut workloads = workloads::file::watch(&config.workloads_file, config.reload_interval)?;
     let capture = Arc::new(Capture::start(&config.capture)?);
     let mut agent = Agent {

@@ -149,6 +149,11 @@ impl Testbed {
         &self.nodes[index]
     }
 
+    /// The cgroup holding every process of this testbed.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
     pub fn pods(&self) -> &[Pod] {
         &self.pods
     }

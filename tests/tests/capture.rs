@@ -77,3 +77,143 @@ fn curl_and_socat_reach_the_server_through_the_agent_on_ipv4_and_ipv6() -> Resul
     assert!(access_log.contains(&s.a.ipv6.to_string()), "{access_log}");
     Ok(())
 }
+
+#[test]
+fn pods_that_are_not_enrolled_and_the_node_itself_are_not_captured() -> Result<()> {
+    let s = scene()?;
+    let url = format!("http://{}:{HTTP}/index.txt", s.b.ipv4);
+    let node = s.tb.node(0).clone();
+    for (who, host) in [("pod c", &s.c as &dyn ambit_testbed::Host), ("node", &node)] {
+        let (code, body) = s.tb.curl(host, &url)?;
+        assert_eq!((code, body.as_str()), (0, BODY), "curl from {who}");
+    }
+    // A captured connection afterwards: once its record is there, any record
+    // for the two connections above would be too.
+    assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
+    let captured = s.agent.wait_for_records("outbound connection captured", 1, secs(10))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let captured_now = s.agent.records("outbound connection captured");
+    assert_eq!(captured_now.len(), 1, "{captured_now:?}");
+    assert_eq!(captured[0]["workload"], "default/a");
+    Ok(())
+}
+
+#[test]
+fn the_agents_own_upstream_connections_are_not_captured_again() -> Result<()> {
+    const CONNECTIONS: usize = 200;
+    let s = scene()?;
+    let out_dir = s.tb.dir.path().join("socat-out");
+    std::fs::create_dir_all(&out_dir)?;
+    let script = format!(
+        "for i in $(seq 1 {CONNECTIONS}); do \
+           (echo marker-$i | socat -t 20 - TCP:{}:{ECHO} > {dir}/$i 2>&1) & \
+         done; wait",
+        s.b.ipv4,
+        dir = out_dir.display()
+    );
+    let out = s.tb.run_within(&s.a, &["sh", "-c", &script], secs(120))?;
+    assert!(out.status.success(), "{}", ambit_testbed::stderr(&out));
+    for i in 1..=CONNECTIONS {
+        let echoed = std::fs::read_to_string(out_dir.join(i.to_string()))?;
+        assert_eq!(echoed.trim(), format!("marker-{i}"), "connection {i}");
+    }
+    // Exactly one capture per client connection: a re-captured upstream
+    // connection would add a record (or loop until connections ran out).
+    s.agent.wait_for_records("outbound connection closed", CONNECTIONS, secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.agent.records("outbound connection captured").len(), CONNECTIONS);
+    let denied = s.agent.logs().into_iter().filter(|r| r["level"] == "WARN").count();
+    assert_eq!(denied, 0, "warnings in the agent log:\n{}", s.agent.raw_log());
+    Ok(())
+}
+
+/// Entries in a pinned map, read with bpftool (as an operator would).
+fn map_entries(agent: &Agent, map: &str) -> Result<usize> {
+    let path = agent.bpf_pin_dir.join(map);
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "bpftool map dump {}: {}", path.display(), ambit_testbed::stderr(&out));
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(entries.as_array().map_or(0, Vec::len))
+}
+
+#[test]
+fn ten_thousand_short_connections_leave_no_original_destination_entries() -> Result<()> {
+    const CONNECTIONS: usize = 10_000;
+    let s = scene()?;
+    // curl's URL globbing: one process, sequential connections, each closed
+    // by the HTTP/1.0 server.
+    let url = format!("http://{}:{HTTP}/index.txt?[1-{CONNECTIONS}]", s.b.ipv4);
+    let out = s.tb.run_within(
+        &s.a,
+        &["curl", "-sS", "--http1.0", "-o", "/dev/null", "-w", "%{http_code}\\n", &url],
+        secs(600),
+    )?;
+    let codes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(codes.lines().filter(|c| *c == "200").count(), CONNECTIONS);
+    s.agent.wait_for_records("outbound connection closed", CONNECTIONS, secs(60))?;
+    assert_eq!(s.agent.records("outbound connection captured").len(), CONNECTIONS);
+    ambit_testbed::wait_until(secs(10), || {
+        Ok(map_entries(&s.agent, "AMBIT_ORIG_DST")? == 0 && map_entries(&s.agent, "AMBIT_PENDING")? == 0)
+    })
+    .map_err(|e| {
+        e.context(format!(
+            "stale entries: orig_dst={:?} pending={:?}",
+            map_entries(&s.agent, "AMBIT_ORIG_DST").ok(),
+            map_entries(&s.agent, "AMBIT_PENDING").ok()
+        ))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_killed_agent_fails_closed_and_a_restarted_one_takes_over() -> Result<()> {
+    let s = scene()?;
+    let url = format!("http://{}:{HTTP}/index.txt", s.b.ipv4);
+    assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
+    let served = || s.tb.stderr_of("http-b").matches("GET /index.txt").count();
+    assert_eq!(served(), 1);
+
+    s.agent.stop_with(libc::SIGKILL)?;
+    let (code, _) = s.tb.curl(&s.a, &url)?;
+    assert_eq!(code, 7, "curl must fail to connect (exit 7), not bypass the mesh");
+    assert_eq!(served(), 1, "a request reached the server while the agent was dead");
+    // Pods that were never enrolled are unaffected.
+    assert_eq!(s.tb.curl(&s.c, &url)?, (0, BODY.to_string()));
+
+    let restarted = s.tb.start_agent_with(0, &[])?;
+    assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
+    assert_eq!(restarted.records("replaced the link of a previous agent").len(), 3);
+    assert_eq!(restarted.records("outbound connection captured").len(), 1);
+    Ok(())
+}
+
+#[test]
+fn unenrolling_a_workload_removes_its_listeners_and_map_entry() -> Result<()> {
+    let s = scene()?;
+    let url = format!("http://{}:{HTTP}/index.txt", s.b.ipv4);
+    assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
+    assert_eq!(map_entries(&s.agent, "AMBIT_ENROLLED")?, 2);
+
+    s.tb.write_workloads(0, &[WorkloadEntry::opted_out(&s.a), WorkloadEntry::enrolled(&s.b)])?;
+    let unenrolled = s.agent.wait_for_records("workload unenrolled", 1, secs(10))?;
+    assert_eq!(unenrolled[0]["workload"], "default/a");
+    assert_eq!(map_entries(&s.agent, "AMBIT_ENROLLED")?, 1);
+    ambit_testbed::wait_until(secs(10), || {
+        let out = s.tb.run(&s.a, &["ss", "-Hltn", "sport = :15001"])?;
+        Ok(out.stdout.is_empty())
+    })?;
+    // a now talks to b directly, outside the mesh.
+    assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(s.agent.records("outbound connection captured").len(), 1);
+
+    // Enrolling it again brings capture back.
+    s.tb.write_workloads(0, &[WorkloadEntry::enrolled(&s.a), WorkloadEntry::enrolled(&s.b)])?;
+    s.agent.wait_for_records("workload enrolled", 3, secs(10))?;
+    assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
+    s.agent.wait_for_records("outbound connection captured", 2, secs(10))?;
+    Ok(())
+}
