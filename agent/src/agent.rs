@@ -84,8 +84,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
 
 impl Agent {
     fn reconcile(&mut self, desired: &NodeWorkloads) {
-        let wanted: BTreeMap<String, &Workload> =
-            desired.enrolled().map(|w| (w.id(), w)).collect();
+        let wanted: BTreeMap<String, &Workload> = desired.enrolled().map(|w| (w.id(), w)).collect();
         let gone: Vec<String> = self
             .pods
             .iter()
@@ -126,8 +125,12 @@ impl Agent {
         });
         let port = self.config.capture.outbound_port;
         let mut listeners = Vec::new();
-        for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
-            let listener = netns.listen(SocketAddr::new(ip, port), self.config.capture.socket_mark)?;
+        for ip in [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ] {
+            let listener =
+                netns.listen(SocketAddr::new(ip, port), self.config.capture.socket_mark)?;
             let listener = TcpListener::from_std(listener).context("registering listener")?;
             listeners.push(tokio::spawn(outbound::serve(listener, Arc::clone(&ctx))));
         }

@@ -9,10 +9,20 @@ use ambit::{
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ambit", version, about = "Sidecar-less transparent mTLS node agent")]
+#[command(
+    name = "ambit",
+    version,
+    about = "Sidecar-less transparent mTLS node agent"
+)]
 struct Cli {
     /// Log output format.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "AMBIT_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "AMBIT_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,

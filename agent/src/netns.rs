@@ -84,16 +84,21 @@ impl Netns {
         self.send(Box::new(move || {
             let _ = tx.send(f());
         }))?;
-        rx.recv().map_err(|_| anyhow!("namespace thread dropped a job"))
+        rx.recv()
+            .map_err(|_| anyhow!("namespace thread dropped a job"))
     }
 
     /// Runs `f` on the namespace thread without blocking the async runtime.
-    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(Box::new(move || {
             let _ = tx.send(f());
         }))?;
-        rx.await.map_err(|_| anyhow!("namespace thread dropped a job"))
+        rx.await
+            .map_err(|_| anyhow!("namespace thread dropped a job"))
     }
 
     fn send(&self, job: Job) -> Result<()> {
@@ -124,7 +129,8 @@ impl Netns {
     pub async fn connect(&self, dst: SocketAddr, mark: u32) -> Result<tokio::net::TcpStream> {
         let socket = self
             .run(move || -> io::Result<Socket> {
-                let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                let socket =
+                    Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
                 socket.set_mark(mark)?;
                 socket.set_nonblocking(true)?;
                 socket.set_tcp_nodelay(true)?;

@@ -14,8 +14,16 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The capabilities the agent needs, by bit number (linux/capability.h).
 const REQUIRED_CAPS: &[(u32, &str, &str)] = &[
     (39, "CAP_BPF", "load eBPF programs and maps"),
-    (12, "CAP_NET_ADMIN", "mark sockets and attach network programs"),
-    (21, "CAP_SYS_ADMIN", "enter pod network namespaces and attach to cgroups"),
+    (
+        12,
+        "CAP_NET_ADMIN",
+        "mark sockets and attach network programs",
+    ),
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        "enter pod network namespaces and attach to cgroups",
+    ),
 ];
 
 #[derive(Debug, Error)]
@@ -159,7 +167,9 @@ mod tests {
         let err = cgroup_dir(Some(dir.path())).unwrap_err().to_string();
         assert!(err.contains("is not a cgroup v2 directory"), "{err}");
         assert!(err.contains("--cgroup-path"), "{err}");
-        let err = check_bpffs(&dir.path().join("pins")).unwrap_err().to_string();
+        let err = check_bpffs(&dir.path().join("pins"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("mount -t bpf bpf /sys/fs/bpf"), "{err}");
     }
 }

@@ -126,7 +126,10 @@ impl Testbed {
     /// extra `ambit run` arguments, and waits until it is ready.
     pub fn start_agent_with(&self, node: usize, extra: &[&str]) -> Result<Agent> {
         let node = self.node(node).clone();
-        let workloads_file = self.dir.path().join(format!("workloads-n{}.yaml", node.index));
+        let workloads_file = self
+            .dir
+            .path()
+            .join(format!("workloads-n{}.yaml", node.index));
         let place = AgentPlace {
             netns: node.netns.clone(),
             cgroup: node.cgroup.join("agent"),
@@ -134,7 +137,11 @@ impl Testbed {
         std::fs::create_dir_all(&place.cgroup)?;
         let restarts = std::fs::read_dir(self.dir.path())?
             .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("agent-n{}-", node.index)))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("agent-n{}-", node.index))
+            })
             .count()
             / 2;
         let name = format!("agent-n{}-{restarts}", node.index);
@@ -173,7 +180,13 @@ impl Agent {
             }
             Ok(self.logs().iter().any(|l| message(l) == "agent ready"))
         })
-        .with_context(|| format!("agent {} did not become ready:\n{}", self.name, self.raw_log()))
+        .with_context(|| {
+            format!(
+                "agent {} did not become ready:\n{}",
+                self.name,
+                self.raw_log()
+            )
+        })
     }
 
     pub fn raw_log(&self) -> String {
@@ -190,11 +203,19 @@ impl Agent {
 
     /// Records whose message is `msg`.
     pub fn records(&self, msg: &str) -> Vec<Value> {
-        self.logs().into_iter().filter(|l| message(l) == msg).collect()
+        self.logs()
+            .into_iter()
+            .filter(|l| message(l) == msg)
+            .collect()
     }
 
     /// Waits for `count` records with message `msg`, and returns them all.
-    pub fn wait_for_records(&self, msg: &str, count: usize, timeout: Duration) -> Result<Vec<Value>> {
+    pub fn wait_for_records(
+        &self,
+        msg: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Value>> {
         wait_until(timeout, || Ok(self.records(msg).len() >= count)).with_context(|| {
             format!(
                 "expected {count} {msg:?} records, found {}",

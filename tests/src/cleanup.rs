@@ -26,7 +26,10 @@ pub fn remove(mut leftovers: Leftovers) {
     if leftovers.cgroup.exists()
         && let Err(e) = fs::write(leftovers.cgroup.join("cgroup.kill"), "1")
     {
-        eprintln!("testbed cleanup: cgroup.kill {}: {e}", leftovers.cgroup.display());
+        eprintln!(
+            "testbed cleanup: cgroup.kill {}: {e}",
+            leftovers.cgroup.display()
+        );
     }
     for child in &mut leftovers.children {
         let _ = child.kill();

@@ -129,7 +129,9 @@ impl Testbed {
         std::fs::create_dir_all(&cgroup)
             .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let mut testbed = Self {
-            dir: tempfile::Builder::new().prefix(&format!("{id}-")).tempdir()?,
+            dir: tempfile::Builder::new()
+                .prefix(&format!("{id}-"))
+                .tempdir()?,
             id,
             cgroup,
             nodes: Vec::new(),
@@ -193,7 +195,10 @@ impl Testbed {
         let (a, b) = (self.nodes[0].clone(), self.nodes[1].clone());
         host_cmd(
             "ip",
-            &["-n", &a.netns, "link", "add", "ln0", "type", "veth", "peer", "name", "ln0", "netns", &b.netns],
+            &[
+                "-n", &a.netns, "link", "add", "ln0", "type", "veth", "peer", "name", "ln0",
+                "netns", &b.netns,
+            ],
         )?;
         for (me, other) in [(&a, &b), (&b, &a)] {
             ip_batch(
@@ -202,7 +207,10 @@ impl Testbed {
                     &format!("addr add {}/24 dev ln0", me.link_ipv4),
                     &format!("addr add {}/64 dev ln0 nodad", me.link_ipv6),
                     "link set ln0 up",
-                    &format!("route add 198.18.{}.0/24 via {}", other.index, other.link_ipv4),
+                    &format!(
+                        "route add 198.18.{}.0/24 via {}",
+                        other.index, other.link_ipv4
+                    ),
                     &format!(
                         "route add {}/64 via {}",
                         pod_ipv6(other.index, 0),
@@ -234,7 +242,10 @@ impl Testbed {
         let veth = format!("vp{slot}");
         host_cmd(
             "ip",
-            &["-n", &node_ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns],
+            &[
+                "-n", &node_ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
+                "netns", &netns,
+            ],
         )?;
         ip_batch(&node_ns, &[&format!("link set {veth} master br0 up")])?;
         ip_batch(
@@ -397,7 +408,8 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> Result<bool>) ->
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        let children = std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
+        let children =
+            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
         cleanup::remove(cleanup::Leftovers {
             cgroup: self.cgroup.clone(),
             netns: self

@@ -45,8 +45,14 @@ fn secs(n: u64) -> Duration {
 fn curl_and_socat_reach_the_server_through_the_agent_on_ipv4_and_ipv6() -> Result<()> {
     let s = scene()?;
     let urls = [
-        (format!("http://{}:{HTTP}/index.txt", s.b.ipv4), format!("{}:{HTTP}", s.b.ipv4)),
-        (format!("http://[{}]:{HTTP}/index.txt", s.b.ipv6), format!("[{}]:{HTTP}", s.b.ipv6)),
+        (
+            format!("http://{}:{HTTP}/index.txt", s.b.ipv4),
+            format!("{}:{HTTP}", s.b.ipv4),
+        ),
+        (
+            format!("http://[{}]:{HTTP}/index.txt", s.b.ipv6),
+            format!("[{}]:{HTTP}", s.b.ipv6),
+        ),
     ];
     for (url, _) in &urls {
         let (code, body) = s.tb.curl(&s.a, url)?;
@@ -56,20 +62,33 @@ fn curl_and_socat_reach_the_server_through_the_agent_on_ipv4_and_ipv6() -> Resul
         (format!("TCP4:{}:{ECHO}", s.b.ipv4), "socat-v4-91c2"),
         (format!("TCP6:[{}]:{ECHO}", s.b.ipv6), "socat-v6-5be0"),
     ] {
-        let out = s.tb.sh(&s.a, &format!("echo {marker} | socat -t 5 - {target}"))?;
-        assert!(out.status.success(), "socat {target}: {}", ambit_testbed::stderr(&out));
+        let out =
+            s.tb.sh(&s.a, &format!("echo {marker} | socat -t 5 - {target}"))?;
+        assert!(
+            out.status.success(),
+            "socat {target}: {}",
+            ambit_testbed::stderr(&out)
+        );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), marker);
     }
 
-    let captured = s.agent.wait_for_records("outbound connection captured", 4, secs(10))?;
-    let dsts: Vec<&str> = captured.iter().map(|r| r["orig_dst"].as_str().unwrap()).collect();
+    let captured = s
+        .agent
+        .wait_for_records("outbound connection captured", 4, secs(10))?;
+    let dsts: Vec<&str> = captured
+        .iter()
+        .map(|r| r["orig_dst"].as_str().unwrap())
+        .collect();
     let expected = [
         urls[0].1.clone(),
         urls[1].1.clone(),
         format!("{}:{ECHO}", s.b.ipv4),
         format!("[{}]:{ECHO}", s.b.ipv6),
     ];
-    assert_eq!(dsts, expected, "original destinations recorded by the agent");
+    assert_eq!(
+        dsts, expected,
+        "original destinations recorded by the agent"
+    );
     assert!(captured.iter().all(|r| r["workload"] == "default/a"));
     // The server saw pod a's own address: the agent dialled from a's netns.
     let access_log = s.tb.stderr_of("http-b");
@@ -90,7 +109,9 @@ fn pods_that_are_not_enrolled_and_the_node_itself_are_not_captured() -> Result<(
     // A captured connection afterwards: once its record is there, any record
     // for the two connections above would be too.
     assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
-    let captured = s.agent.wait_for_records("outbound connection captured", 1, secs(10))?;
+    let captured = s
+        .agent
+        .wait_for_records("outbound connection captured", 1, secs(10))?;
     std::thread::sleep(Duration::from_millis(300));
     let captured_now = s.agent.records("outbound connection captured");
     assert_eq!(captured_now.len(), 1, "{captured_now:?}");
@@ -119,11 +140,25 @@ fn the_agents_own_upstream_connections_are_not_captured_again() -> Result<()> {
     }
     // Exactly one capture per client connection: a re-captured upstream
     // connection would add a record (or loop until connections ran out).
-    s.agent.wait_for_records("outbound connection closed", CONNECTIONS, secs(30))?;
+    s.agent
+        .wait_for_records("outbound connection closed", CONNECTIONS, secs(30))?;
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(s.agent.records("outbound connection captured").len(), CONNECTIONS);
-    let denied = s.agent.logs().into_iter().filter(|r| r["level"] == "WARN").count();
-    assert_eq!(denied, 0, "warnings in the agent log:\n{}", s.agent.raw_log());
+    assert_eq!(
+        s.agent.records("outbound connection captured").len(),
+        CONNECTIONS
+    );
+    let denied = s
+        .agent
+        .logs()
+        .into_iter()
+        .filter(|r| r["level"] == "WARN")
+        .count();
+    assert_eq!(
+        denied,
+        0,
+        "warnings in the agent log:\n{}",
+        s.agent.raw_log()
+    );
     Ok(())
 }
 
@@ -134,7 +169,12 @@ fn map_entries(agent: &Agent, map: &str) -> Result<usize> {
         .args(["-j", "map", "dump", "pinned"])
         .arg(&path)
         .output()?;
-    anyhow::ensure!(out.status.success(), "bpftool map dump {}: {}", path.display(), ambit_testbed::stderr(&out));
+    anyhow::ensure!(
+        out.status.success(),
+        "bpftool map dump {}: {}",
+        path.display(),
+        ambit_testbed::stderr(&out)
+    );
     let entries: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     Ok(entries.as_array().map_or(0, Vec::len))
 }
@@ -148,15 +188,29 @@ fn ten_thousand_short_connections_leave_no_original_destination_entries() -> Res
     let url = format!("http://{}:{HTTP}/index.txt?[1-{CONNECTIONS}]", s.b.ipv4);
     let out = s.tb.run_within(
         &s.a,
-        &["curl", "-sS", "--http1.0", "-o", "/dev/null", "-w", "%{http_code}\\n", &url],
+        &[
+            "curl",
+            "-sS",
+            "--http1.0",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\\n",
+            &url,
+        ],
         secs(600),
     )?;
     let codes = String::from_utf8_lossy(&out.stdout);
     assert_eq!(codes.lines().filter(|c| *c == "200").count(), CONNECTIONS);
-    s.agent.wait_for_records("outbound connection closed", CONNECTIONS, secs(60))?;
-    assert_eq!(s.agent.records("outbound connection captured").len(), CONNECTIONS);
+    s.agent
+        .wait_for_records("outbound connection closed", CONNECTIONS, secs(60))?;
+    assert_eq!(
+        s.agent.records("outbound connection captured").len(),
+        CONNECTIONS
+    );
     ambit_testbed::wait_until(secs(10), || {
-        Ok(map_entries(&s.agent, "AMBIT_ORIG_DST")? == 0 && map_entries(&s.agent, "AMBIT_PENDING")? == 0)
+        Ok(map_entries(&s.agent, "AMBIT_ORIG_DST")? == 0
+            && map_entries(&s.agent, "AMBIT_PENDING")? == 0)
     })
     .map_err(|e| {
         e.context(format!(
@@ -178,14 +232,26 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_takes_over() -> Result<()> {
 
     s.agent.stop_with(libc::SIGKILL)?;
     let (code, _) = s.tb.curl(&s.a, &url)?;
-    assert_eq!(code, 7, "curl must fail to connect (exit 7), not bypass the mesh");
-    assert_eq!(served(), 1, "a request reached the server while the agent was dead");
+    assert_eq!(
+        code, 7,
+        "curl must fail to connect (exit 7), not bypass the mesh"
+    );
+    assert_eq!(
+        served(),
+        1,
+        "a request reached the server while the agent was dead"
+    );
     // Pods that were never enrolled are unaffected.
     assert_eq!(s.tb.curl(&s.c, &url)?, (0, BODY.to_string()));
 
     let restarted = s.tb.start_agent_with(0, &[])?;
     assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
-    assert_eq!(restarted.records("replaced the link of a previous agent").len(), 3);
+    assert_eq!(
+        restarted
+            .records("replaced the link of a previous agent")
+            .len(),
+        3
+    );
     assert_eq!(restarted.records("outbound connection captured").len(), 1);
     Ok(())
 }
@@ -197,8 +263,16 @@ fn unenrolling_a_workload_removes_its_listeners_and_map_entry() -> Result<()> {
     assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
     assert_eq!(map_entries(&s.agent, "AMBIT_ENROLLED")?, 2);
 
-    s.tb.write_workloads(0, &[WorkloadEntry::opted_out(&s.a), WorkloadEntry::enrolled(&s.b)])?;
-    let unenrolled = s.agent.wait_for_records("workload unenrolled", 1, secs(10))?;
+    s.tb.write_workloads(
+        0,
+        &[
+            WorkloadEntry::opted_out(&s.a),
+            WorkloadEntry::enrolled(&s.b),
+        ],
+    )?;
+    let unenrolled = s
+        .agent
+        .wait_for_records("workload unenrolled", 1, secs(10))?;
     assert_eq!(unenrolled[0]["workload"], "default/a");
     assert_eq!(map_entries(&s.agent, "AMBIT_ENROLLED")?, 1);
     ambit_testbed::wait_until(secs(10), || {
@@ -211,9 +285,13 @@ fn unenrolling_a_workload_removes_its_listeners_and_map_entry() -> Result<()> {
     assert_eq!(s.agent.records("outbound connection captured").len(), 1);
 
     // Enrolling it again brings capture back.
-    s.tb.write_workloads(0, &[WorkloadEntry::enrolled(&s.a), WorkloadEntry::enrolled(&s.b)])?;
+    s.tb.write_workloads(
+        0,
+        &[WorkloadEntry::enrolled(&s.a), WorkloadEntry::enrolled(&s.b)],
+    )?;
     s.agent.wait_for_records("workload enrolled", 3, secs(10))?;
     assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
-    s.agent.wait_for_records("outbound connection captured", 2, secs(10))?;
+    s.agent
+        .wait_for_records("outbound connection captured", 2, secs(10))?;
     Ok(())
 }

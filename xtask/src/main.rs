@@ -59,7 +59,12 @@ fn cargo() -> Command {
 fn test(extra: &[String]) -> Result<()> {
     setup::run()?;
     exec(cargo().args(["fmt", "--all", "--check"]))?;
-    exec(cargo().args(["fmt", "--manifest-path", "ebpf/ambit-ebpf/Cargo.toml", "--check"]))?;
+    exec(cargo().args([
+        "fmt",
+        "--manifest-path",
+        "ebpf/ambit-ebpf/Cargo.toml",
+        "--check",
+    ]))?;
     exec(cargo().args([
         "clippy",
         "--workspace",
@@ -69,23 +74,43 @@ fn test(extra: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     exec(cargo().args(["build", "--workspace", "--bins"]))?;
-    exec(cargo()
-        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
-        .args(extra))
+    exec(
+        cargo()
+            .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+            .args(extra),
+    )
 }
 
 fn demo() -> Result<()> {
     setup::run()?;
     exec(cargo().args(["build", "--release", "--package", "ambit-agent"]))?;
-    exec(cargo()
-        .args(["run", "--release", "--package", "ambit-testbed", "--bin", "ambit-demo"])
-        .env("AMBIT_BIN", "target/release/ambit"))
+    exec(
+        cargo()
+            .args([
+                "run",
+                "--release",
+                "--package",
+                "ambit-testbed",
+                "--bin",
+                "ambit-demo",
+            ])
+            .env("AMBIT_BIN", "target/release/ambit"),
+    )
 }
 
 fn bench() -> Result<()> {
     setup::run()?;
     exec(cargo().args(["build", "--release", "--package", "ambit-agent"]))?;
-    exec(cargo()
-        .args(["run", "--release", "--package", "ambit-benches", "--bin", "mesh-bench"])
-        .env("AMBIT_BIN", "target/release/ambit"))
+    exec(
+        cargo()
+            .args([
+                "run",
+                "--release",
+                "--package",
+                "ambit-benches",
+                "--bin",
+                "mesh-bench",
+            ])
+            .env("AMBIT_BIN", "target/release/ambit"),
+    )
 }

@@ -59,16 +59,20 @@ fn install_packages(did: &mut Vec<String>) -> Result<()> {
         return Ok(());
     }
     exec(Command::new("apt-get").args(["update", "-q"]))?;
-    exec(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     did.push(format!("installed {}", missing.join(" ")));
     Ok(())
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -94,7 +98,13 @@ fn rustup_components(did: &mut Vec<String>) -> Result<()> {
             toolchain,
         ]))?;
         if !installed.lines().any(|l| l.starts_with(component)) {
-            exec(Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]))?;
+            exec(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                toolchain,
+            ]))?;
             did.push(format!("added {component} to {toolchain}"));
         }
     }
@@ -111,10 +121,21 @@ fn on_path(binary: &str) -> bool {
 fn cargo_tools(did: &mut Vec<String>) -> Result<()> {
     if !on_path("bpf-linker") {
         // bpf-linker must link against the LLVM that nightly rustc uses.
-        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
-        exec(Command::new("cargo")
-            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
-            .env("PATH", path))?;
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        exec(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("PATH", path),
+        )?;
         did.push("installed bpf-linker".into());
     }
     if !on_path("cargo-nextest") {
@@ -126,9 +147,10 @@ fn cargo_tools(did: &mut Vec<String>) -> Result<()> {
 
 fn mount_bpffs(did: &mut Vec<String>) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
-        && l.split_whitespace().nth(2) == Some("bpf"))
-    {
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+            && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
         return Ok(());
     }
     std::fs::create_dir_all("/sys/fs/bpf")?;

@@ -133,7 +133,11 @@ mod tests {
             let dst = OriginalDst {
                 addr: key.addr,
                 port: addr.port(),
-                family: if addr.is_ipv4() { AF_INET } else { ambit_common::AF_INET6 },
+                family: if addr.is_ipv4() {
+                    AF_INET
+                } else {
+                    ambit_common::AF_INET6
+                },
             };
             assert_eq!(socket_addr(&dst), addr);
         }

@@ -3,12 +3,7 @@
 
 pub mod file;
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::IpAddr,
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 
 use serde::Deserialize;
 

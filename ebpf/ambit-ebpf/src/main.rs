@@ -44,8 +44,7 @@ static ENROLLED: HashMap<u64, u32> = HashMap::pinned(ENROLLED_MAP_CAPACITY, 0);
 
 /// Captured sockets between connect and close, by socket cookie.
 #[map(name = "AMBIT_PENDING")]
-static PENDING: LruHashMap<u64, PendingConnection> =
-    LruHashMap::pinned(CONNECTION_MAP_CAPACITY, 0);
+static PENDING: LruHashMap<u64, PendingConnection> = LruHashMap::pinned(CONNECTION_MAP_CAPACITY, 0);
 
 /// Original destinations of established captured connections, by client end.
 /// The agent deletes an entry when it accepts the connection.
@@ -159,7 +158,10 @@ fn remember(ctx: &SockAddrContext, netns_cookie: u64, dst: OriginalDst) -> bool 
     };
     match PENDING.insert(cookie, pending, 0) {
         Ok(()) => {
-            debug!(ctx, "captured connect: netns {} port {}", netns_cookie, dst.port);
+            debug!(
+                ctx,
+                "captured connect: netns {} port {}", netns_cookie, dst.port
+            );
             true
         }
         Err(err) => {

@@ -24,15 +24,24 @@ fn main() -> Result<()> {
             WorkloadEntry::opted_out(&outsider),
         ],
     )?;
-    println!("== agent running (pid {}), client and server enrolled, outsider opted out", agent.pid);
+    println!(
+        "== agent running (pid {}), client and server enrolled, outsider opted out",
+        agent.pid
+    );
 
     for url in [
         format!("http://{}:{PORT}/index.txt", server.ipv4),
         format!("http://[{}]:{PORT}/index.txt", server.ipv6),
     ] {
         let (code, body) = tb.curl(&client, &url)?;
-        ensure!(code == 0, "curl from the client failed with exit code {code}");
-        println!("\n$ curl {url}   # in pod client (enrolled)\n{}", body.trim_end());
+        ensure!(
+            code == 0,
+            "curl from the client failed with exit code {code}"
+        );
+        println!(
+            "\n$ curl {url}   # in pod client (enrolled)\n{}",
+            body.trim_end()
+        );
     }
     let captured = agent.wait_for_records("outbound connection captured", 2, secs(10))?;
     println!("\n== the agent captured both connections (its log):");
@@ -42,11 +51,20 @@ fn main() -> Result<()> {
 
     let url = format!("http://{}:{PORT}/index.txt", server.ipv4);
     let (code, body) = tb.curl(&outsider, &url)?;
-    ensure!(code == 0, "curl from the outsider failed with exit code {code}");
-    println!("\n$ curl {url}   # in pod outsider (not enrolled)\n{}", body.trim_end());
+    ensure!(
+        code == 0,
+        "curl from the outsider failed with exit code {code}"
+    );
+    println!(
+        "\n$ curl {url}   # in pod outsider (not enrolled)\n{}",
+        body.trim_end()
+    );
     std::thread::sleep(secs(1));
     let after = agent.records("outbound connection captured").len();
-    ensure!(after == captured.len(), "the outsider's connection was captured");
+    ensure!(
+        after == captured.len(),
+        "the outsider's connection was captured"
+    );
     println!("== not captured: the agent still has {after} capture records");
 
     fail_closed(&tb, &agent, &client, &url)?;
@@ -57,12 +75,20 @@ fn main() -> Result<()> {
 fn fail_closed(tb: &Testbed, agent: &Agent, client: &ambit_testbed::Pod, url: &str) -> Result<()> {
     agent.stop_with(libc::SIGKILL)?;
     let (code, _) = tb.curl(client, url)?;
-    println!("\n== agent killed with SIGKILL; curl from the client now exits {code} (fails closed)");
+    println!(
+        "\n== agent killed with SIGKILL; curl from the client now exits {code} (fails closed)"
+    );
     ensure!(code != 0, "traffic bypassed the dead agent");
-    let restarted = tb.start_agent_with(0, &[]).context("restarting the agent")?;
+    let restarted = tb
+        .start_agent_with(0, &[])
+        .context("restarting the agent")?;
     let (code, body) = tb.curl(client, url)?;
     ensure!(code == 0, "curl after restart failed with {code}");
-    println!("== agent restarted (pid {}); curl works again: {}", restarted.pid, body.trim_end());
+    println!(
+        "== agent restarted (pid {}); curl works again: {}",
+        restarted.pid,
+        body.trim_end()
+    );
     restarted.stop_with(libc::SIGTERM)?;
     Ok(())
 }

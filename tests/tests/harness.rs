@@ -1,0 +1,63 @@
+//! The testbed removes everything it made, even when a test fails.
+
+use std::{panic::AssertUnwindSafe, path::PathBuf, time::Duration};
+
+use ambit_testbed::{Testbed, WorkloadEntry, wait_until};
+use anyhow::Result;
+
+struct Made {
+    id: String,
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+    pids: Vec<u32>,
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn a_failing_test_leaves_nothing_behind() -> Result<()> {
+    let mut made = None;
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut tb = Testbed::new(2).unwrap();
+        let p = tb.add_pod(0, "p").unwrap();
+        tb.add_pod(1, "q").unwrap();
+        let sleeper = tb.spawn(&p, "sleeper", &["sleep", "600"]).unwrap();
+        // An orphan the testbed never saw: only the cgroup knows about it.
+        let out = tb.sh(&p, "sleep 600 >/dev/null 2>&1 & echo $!").unwrap();
+        let orphan: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let agent = tb.start_agent(0, &[WorkloadEntry::enrolled(&p)]).unwrap();
+        assert!(agent.bpf_pin_dir.exists());
+        made = Some(Made {
+            id: tb.id.clone(),
+            cgroup: tb.cgroup().to_path_buf(),
+            pin_dir: agent.bpf_pin_dir.clone(),
+            pids: vec![sleeper, orphan, agent.pid],
+        });
+        panic!("a deliberate test failure");
+    }));
+    assert!(outcome.is_err(), "the closure must have failed");
+    let made = made.expect("the testbed was built before the failure");
+
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()?;
+    let netns = String::from_utf8_lossy(&netns.stdout);
+    assert!(!netns.contains(&made.id), "namespaces left: {netns}");
+    assert!(
+        !made.cgroup.exists(),
+        "cgroup left: {}",
+        made.cgroup.display()
+    );
+    assert!(
+        !made.pin_dir.exists(),
+        "pins left: {}",
+        made.pin_dir.display()
+    );
+    // The orphan is reaped by init, not by us: give it a moment.
+    wait_until(Duration::from_secs(5), || {
+        Ok(made.pids.iter().all(|p| !alive(*p)))
+    })?;
+    Ok(())
+}
