@@ -60,12 +60,6 @@ fn test(extra: &[String]) -> Result<()> {
     setup::run()?;
     exec(cargo().args(["fmt", "--all", "--check"]))?;
     exec(cargo().args([
-        "fmt",
-        "--manifest-path",
-        "ebpf/ambit-ebpf/Cargo.toml",
-        "--check",
-    ]))?;
-    exec(cargo().args([
         "clippy",
         "--workspace",
         "--all-targets",

@@ -61,7 +61,7 @@ fn install_packages(did: &mut Vec<String>) -> Result<()> {
     exec(Command::new("apt-get").args(["update", "-q"]))?;
     exec(
         Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(["install", "-y", "-q"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
@@ -88,7 +88,6 @@ fn rustup_components(did: &mut Vec<String>) -> Result<()> {
         ("nightly", "rust-src"),
         ("stable", "clippy"),
         ("stable", "rustfmt"),
-        ("nightly", "rustfmt"),
     ] {
         let installed = output(Command::new("rustup").args([
             "component",
