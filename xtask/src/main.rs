@@ -35,8 +35,8 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::Test { args } => test(&args),
-        Task::Demo => demo(),
-        Task::Bench => bench(),
+        Task::Demo => run_with_release_agent("ambit-testbed", "ambit-demo"),
+        Task::Bench => run_with_release_agent("ambit-benches", "mesh-bench"),
     }
 }
 
@@ -75,36 +75,13 @@ fn test(extra: &[String]) -> Result<()> {
     )
 }
 
-fn demo() -> Result<()> {
+/// Builds the agent in release mode and runs a testbed binary against it.
+fn run_with_release_agent(package: &str, bin: &str) -> Result<()> {
     setup::run()?;
     exec(cargo().args(["build", "--release", "--package", "ambit-agent"]))?;
     exec(
         cargo()
-            .args([
-                "run",
-                "--release",
-                "--package",
-                "ambit-testbed",
-                "--bin",
-                "ambit-demo",
-            ])
-            .env("AMBIT_BIN", "target/release/ambit"),
-    )
-}
-
-fn bench() -> Result<()> {
-    setup::run()?;
-    exec(cargo().args(["build", "--release", "--package", "ambit-agent"]))?;
-    exec(
-        cargo()
-            .args([
-                "run",
-                "--release",
-                "--package",
-                "ambit-benches",
-                "--bin",
-                "mesh-bench",
-            ])
+            .args(["run", "--release", "--package", package, "--bin", bin])
             .env("AMBIT_BIN", "target/release/ambit"),
     )
 }

@@ -30,6 +30,8 @@ use core::ptr::read_volatile;
 
 /// Allow the connect to proceed (with whatever address we left in the context).
 const ALLOW: i32 = 1;
+/// Fail the connect with EPERM.
+const DENY: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const TCP_CLOSE: u32 = 7;
 
@@ -70,10 +72,11 @@ pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
         port: u16::from_be(sa.user_port as u16),
         family: AF_INET,
     };
-    if remember(&ctx, netns_cookie, dst) {
-        sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
-        sa.user_port = u32::from(AMBIT_OUTBOUND_PORT.load().to_be());
+    if !remember(&ctx, netns_cookie, dst) {
+        return DENY;
     }
+    sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    sa.user_port = u32::from(AMBIT_OUTBOUND_PORT.load().to_be());
     ALLOW
 }
 
@@ -102,19 +105,20 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
         port: u16::from_be(sa.user_port as u16),
         family: if v4_mapped { AF_INET } else { AF_INET6 },
     };
-    if remember(&ctx, netns_cookie, dst) {
-        // A dual-stack socket dialling an IPv4 peer reaches the IPv4 listener.
-        let target = if v4_mapped {
-            IpWords::from_ipv4_word(u32::from_ne_bytes([127, 0, 0, 1]))
-        } else {
-            IpWords::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
-        };
-        sa.user_ip6[0] = target.0[0];
-        sa.user_ip6[1] = target.0[1];
-        sa.user_ip6[2] = target.0[2];
-        sa.user_ip6[3] = target.0[3];
-        sa.user_port = u32::from(AMBIT_OUTBOUND_PORT.load().to_be());
+    if !remember(&ctx, netns_cookie, dst) {
+        return DENY;
     }
+    // A dual-stack socket dialling an IPv4 peer reaches the IPv4 listener.
+    let target = if v4_mapped {
+        IpWords::from_ipv4_word(u32::from_ne_bytes([127, 0, 0, 1]))
+    } else {
+        IpWords::from_octets([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+    };
+    sa.user_ip6[0] = target.0[0];
+    sa.user_ip6[1] = target.0[1];
+    sa.user_ip6[2] = target.0[2];
+    sa.user_ip6[3] = target.0[3];
+    sa.user_port = u32::from(AMBIT_OUTBOUND_PORT.load().to_be());
     ALLOW
 }
 
@@ -141,9 +145,8 @@ fn is_ipv4_loopback(word: u32) -> bool {
     word.to_ne_bytes()[0] == 127
 }
 
-/// Records the original destination; false (and the connect is left alone,
-/// so it fails against the real peer's policy rather than vanishing) only if
-/// the map rejects the entry.
+/// Records the original destination. If the map rejects the entry the
+/// connect is refused (EPERM): a captured pod never bypasses the agent.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, netns_cookie: u64, dst: OriginalDst) -> bool {
     // SAFETY: helper allowed for cgroup_sock_addr programs.
