@@ -1,6 +1,6 @@
 //! Logging: `tracing` to stderr, human-readable or one JSON object per line.
 //! aya-log records from the eBPF programs arrive through the `log` bridge
-//! under the target `ambit::ebpf`.
+//! under the target `ambit_capture`.
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 

@@ -125,6 +125,15 @@ impl Testbed {
     /// Starts an agent on `node` with the node's current workloads file and
     /// extra `ambit run` arguments, and waits until it is ready.
     pub fn start_agent_with(&self, node: usize, extra: &[&str]) -> Result<Agent> {
+        self.launch_agent(node, extra, None)
+    }
+
+    /// Like `start_agent_with`, with the agent's log filter (`AMBIT_LOG`).
+    pub fn start_agent_logging(&self, node: usize, filter: &str) -> Result<Agent> {
+        self.launch_agent(node, &[], Some(filter))
+    }
+
+    fn launch_agent(&self, node: usize, extra: &[&str], filter: Option<&str>) -> Result<Agent> {
         let node = self.node(node).clone();
         let workloads_file = self
             .dir
@@ -155,9 +164,11 @@ impl Testbed {
             .arg(&node.bpf_pin_dir)
             .args(["--reload-interval-ms", "100"])
             .args(extra);
-        if std::env::var_os("AMBIT_LOG").is_none() {
-            cmd.env("AMBIT_LOG", "info");
-        }
+        match (filter, std::env::var_os("AMBIT_LOG")) {
+            (Some(filter), _) => cmd.env("AMBIT_LOG", filter),
+            (None, None) => cmd.env("AMBIT_LOG", "info"),
+            (None, Some(_)) => &mut cmd,
+        };
         let pid = self.spawn_command(&mut cmd, &name)?;
         let agent = Agent {
             log_path: self.dir.path().join(format!("{name}.err")),

@@ -295,3 +295,31 @@ fn unenrolling_a_workload_removes_its_listeners_and_map_entry() -> Result<()> {
         .wait_for_records("outbound connection captured", 2, secs(10))?;
     Ok(())
 }
+
+#[test]
+fn kernel_side_records_reach_the_agent_log_when_asked_for() -> Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let a = tb.add_pod(0, "a")?;
+    let b = tb.add_pod(0, "b")?;
+    tb.http_server(&b, "http-b", HTTP, BODY)?;
+    tb.write_workloads(
+        0,
+        &[WorkloadEntry::enrolled(&a), WorkloadEntry::enrolled(&b)],
+    )?;
+    let agent = tb.start_agent_logging(0, "info,ambit_capture=debug")?;
+    let url = format!("http://{}:{HTTP}/index.txt", b.ipv4);
+    assert_eq!(tb.curl(&a, &url)?, (0, BODY.to_string()));
+    let kernel = ambit_testbed::wait_until(secs(10), || {
+        Ok(agent.logs().iter().any(|r| {
+            r["target"] == "ambit_capture"
+                && r["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("captured connect"))
+                && r["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(&format!("port {HTTP}")))
+        }))
+    });
+    assert!(kernel.is_ok(), "no kernel record in:\n{}", agent.raw_log());
+    Ok(())
+}

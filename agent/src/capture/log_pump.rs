@@ -9,10 +9,14 @@ use tokio::{io::unix::AsyncFd, task::JoinHandle};
 const AYA_LOG_WARN: u8 = 2;
 const AYA_LOG_DEBUG: u8 = 4;
 
+/// The log target of records from the programs (aya-log uses the eBPF
+/// crate's module path), e.g. `AMBIT_LOG=info,ambit_capture=debug`.
+pub const EBPF_LOG_TARGET: &str = "ambit_capture";
+
 /// The most verbose record the programs should emit: per-connection debug
 /// records only when the agent would print them anyway.
 pub fn kernel_log_level() -> u8 {
-    if tracing::enabled!(target: "ambit::ebpf", tracing::Level::DEBUG) {
+    if tracing::enabled!(target: EBPF_LOG_TARGET, tracing::Level::DEBUG) {
         AYA_LOG_DEBUG
     } else {
         AYA_LOG_WARN
