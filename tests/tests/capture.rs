@@ -61,6 +61,11 @@ fn curl_and_socat_reach_the_server_through_the_agent_on_ipv4_and_ipv6() -> Resul
     for (target, marker) in [
         (format!("TCP4:{}:{ECHO}", s.b.ipv4), "socat-v4-91c2"),
         (format!("TCP6:[{}]:{ECHO}", s.b.ipv6), "socat-v6-5be0"),
+        // An IPv6 socket dialling an IPv4-mapped address goes through connect6.
+        (
+            format!("TCP6:[::ffff:{}]:{ECHO}", s.b.ipv4),
+            "socat-mapped-0d41",
+        ),
     ] {
         let out =
             s.tb.sh(&s.a, &format!("echo {marker} | socat -t 5 - {target}"))?;
@@ -74,7 +79,7 @@ fn curl_and_socat_reach_the_server_through_the_agent_on_ipv4_and_ipv6() -> Resul
 
     let captured = s
         .agent
-        .wait_for_records("outbound connection captured", 4, secs(10))?;
+        .wait_for_records("outbound connection captured", 5, secs(10))?;
     let dsts: Vec<&str> = captured
         .iter()
         .map(|r| r["orig_dst"].as_str().unwrap())
@@ -84,6 +89,7 @@ fn curl_and_socat_reach_the_server_through_the_agent_on_ipv4_and_ipv6() -> Resul
         urls[1].1.clone(),
         format!("{}:{ECHO}", s.b.ipv4),
         format!("[{}]:{ECHO}", s.b.ipv6),
+        format!("{}:{ECHO}", s.b.ipv4),
     ];
     assert_eq!(
         dsts, expected,
