@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod capture;
 pub mod config;
+pub mod identity;
 pub mod netns;
 pub mod preflight;
 pub mod proxy;

@@ -1,0 +1,63 @@
+//! rustls configurations for the tunnel: TLS 1.3 only, the ring provider
+//! passed explicitly, SPIFFE verifiers on both sides, and no resumption.
+//!
+//! Resumption is off on both ends. A resumed server session skips client
+//! certificate verification, and a client cache keyed by server name (an IP
+//! for tunnels) could resume with a different pod that reused the address.
+
+use std::sync::Arc;
+
+use rustls::{
+    ClientConfig, ServerConfig, client::Resumption, crypto::CryptoProvider,
+    server::NoServerSessionStorage, version::TLS13,
+};
+
+use super::{
+    ca::Svid,
+    spiffe_id::SpiffeId,
+    verifier::{SpiffeClientVerifier, SpiffeServerVerifier, TrustBundles},
+};
+
+/// The one crypto provider Ambit uses, always passed explicitly so nothing
+/// depends on which provider a dependency installed as process default.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server side of a tunnel (the inbound 15008 listener): presents `svid`
+/// and requires a client SVID that verifies against `bundles`. Set ALPN on
+/// the result as the tunnel protocol needs.
+pub fn server_config(
+    svid: &Svid,
+    bundles: Arc<TrustBundles>,
+) -> Result<ServerConfig, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&TLS13])?
+        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundles)))
+        .with_single_cert(
+            svid.chain().to_vec(),
+            svid.key().private_key_der().clone_key(),
+        )?;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// Client side of a tunnel: presents `svid` and accepts the server only if
+/// its SVID verifies and names one of `expected`.
+pub fn client_config(
+    svid: &Svid,
+    bundles: Arc<TrustBundles>,
+    expected: Vec<SpiffeId>,
+) -> Result<ClientConfig, rustls::Error> {
+    let mut config = ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundles, expected)))
+        .with_client_auth_cert(
+            svid.chain().to_vec(),
+            svid.key().private_key_der().clone_key(),
+        )?;
+    config.resumption = Resumption::disabled();
+    Ok(config)
+}
