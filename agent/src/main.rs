@@ -32,6 +32,9 @@ struct Cli {
 enum Command {
     /// Run the node agent: capture enrolled pods and proxy their traffic.
     Run(RunArgs),
+    /// Run the cluster CA: issue SVIDs to node agents over mTLS, each only
+    /// for the workloads its directory places on the requesting node.
+    Ca(CaArgs),
 }
 
 #[derive(Args)]
@@ -64,6 +67,29 @@ struct RunArgs {
     cleanup_on_exit: bool,
 }
 
+#[derive(Args)]
+struct CaArgs {
+    /// Trust domain of the SPIFFE IDs this CA issues.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: ambit::identity::TrustDomain,
+    /// Address to accept node agents on.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: std::net::SocketAddr,
+    /// Workloads file (the `run --workloads` format) listing every workload
+    /// of the cluster with its `node`; re-read when it changes.
+    #[arg(long)]
+    directory: PathBuf,
+    /// Directory to write bundle.pem and nodes/<NODE>/node{,-key}.pem to.
+    #[arg(long)]
+    bootstrap_dir: PathBuf,
+    /// Default and maximum TTL of issued SVIDs, in seconds.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(60..=86400))]
+    svid_ttl_secs: u64,
+    /// How often to re-read the directory file, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    reload_interval_ms: u64,
+}
+
 fn parse_u32(text: &str) -> Result<u32, String> {
     let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -77,6 +103,7 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Ca(args) => ca(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,4 +129,27 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cleanup_on_exit: args.cleanup_on_exit,
     };
     tokio::runtime::Runtime::new()?.block_on(ambit::agent::run(config))
+}
+
+fn ca(args: CaArgs) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let config = ambit::ca_service::CaServerConfig {
+        trust_domain: args.trust_domain,
+        listen: args.listen,
+        svid_ttl: Duration::from_secs(args.svid_ttl_secs),
+        reload_interval: Duration::from_millis(args.reload_interval_ms),
+        ..ambit::ca_service::CaServerConfig::new(args.directory, args.bootstrap_dir)
+    };
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let server = ambit::ca_service::CaServer::bind(config).await?;
+        tokio::select! {
+            result = server.run() => result?,
+            _ = terminate.recv() => tracing::info!("SIGTERM: CA stopping"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: CA stopping"),
+        }
+        Ok(())
+    })
 }

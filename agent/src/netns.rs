@@ -107,12 +107,13 @@ impl Netns {
             .map_err(|_| anyhow!("namespace thread for {} is gone", self.path.display()))
     }
 
-    /// A listening TCP socket bound to `addr` inside the namespace.
+    /// A listening TCP socket bound to `addr` inside the namespace. `[::]`
+    /// listens on both IPv6 and IPv4; any other IPv6 address on IPv6 only.
     pub fn listen(&self, addr: SocketAddr, mark: u32) -> Result<std::net::TcpListener> {
         self.run_blocking(move || -> io::Result<_> {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             if addr.is_ipv6() {
-                socket.set_only_v6(true)?;
+                socket.set_only_v6(!addr.ip().is_unspecified())?;
             }
             socket.set_mark(mark)?;
             socket.set_reuse_address(true)?;

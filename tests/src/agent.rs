@@ -19,6 +19,8 @@ pub struct WorkloadEntry {
     pub namespace: String,
     pub service_account: String,
     pub enrolled: bool,
+    /// Labelled `ambit.dev/mtls-mode: permissive` (plaintext allowed in).
+    pub permissive: bool,
 }
 
 impl WorkloadEntry {
@@ -29,6 +31,7 @@ impl WorkloadEntry {
             namespace: "default".into(),
             service_account: pod.name.clone(),
             enrolled: true,
+            permissive: false,
         }
     }
 
@@ -90,25 +93,7 @@ pub struct Agent {
 impl Testbed {
     /// Writes `<dir>/workloads-n<node>.yaml` for the agent of `node`.
     pub fn write_workloads(&self, node: usize, entries: &[WorkloadEntry]) -> Result<PathBuf> {
-        let workloads: Vec<Value> = entries
-            .iter()
-            .map(|e| {
-                json!({
-                    "name": e.pod.name,
-                    "namespace": e.namespace,
-                    "serviceAccount": e.service_account,
-                    "labels": {
-                        "app": e.pod.name,
-                        "ambit.dev/mesh": if e.enrolled { "enabled" } else { "disabled" },
-                    },
-                    "netns": e.pod.netns_path(),
-                    "ips": [e.pod.ipv4.to_string(), e.pod.ipv6.to_string()],
-                    "node": format!("node{}", e.pod.node),
-                })
-            })
-            .collect();
-        // JSON is YAML; the agent reads either.
-        let doc = json!({ "node": format!("node{node}"), "workloads": workloads });
+        let doc = workloads_doc(&format!("node{node}"), entries);
         let path = self.dir.path().join(format!("workloads-n{node}.yaml"));
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, serde_json::to_string_pretty(&doc)?)?;
@@ -139,65 +124,163 @@ impl Testbed {
             .dir
             .path()
             .join(format!("workloads-n{}.yaml", node.index));
+        let mut args: Vec<String> = ["--log-format", "json", "run", "--workloads"]
+            .map(String::from)
+            .to_vec();
+        args.push(workloads_file.display().to_string());
+        args.extend(["--cgroup-path".into(), node.cgroup.display().to_string()]);
+        args.extend([
+            "--bpf-pin-dir".into(),
+            node.bpf_pin_dir.display().to_string(),
+        ]);
+        args.extend(["--reload-interval-ms".into(), "100".into()]);
+        if let Some(ca) = self.ca.get() {
+            args.extend(["--ca-addr".into(), ca.addr.clone()]);
+            args.extend([
+                "--ca-bootstrap-dir".into(),
+                ca.bootstrap_dir.display().to_string(),
+            ]);
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let daemon = self.launch_daemon(&node, "agent", &args, filter)?;
+        daemon.wait_for("agent ready")?;
+        Ok(Agent {
+            workloads_file,
+            bpf_pin_dir: node.bpf_pin_dir.clone(),
+            ..daemon
+        })
+    }
+
+    /// Starts `ambit ca` on node 0 (listening on its inter-node link address)
+    /// for the workloads in `entries`; agents started afterwards get their
+    /// SVIDs from it.
+    pub fn start_ca(&self, entries: &[WorkloadEntry], svid_ttl_secs: u64) -> Result<Agent> {
+        let node = self.node(0).clone();
+        let directory = self.dir.path().join("ca-directory.yaml");
+        std::fs::write(
+            &directory,
+            serde_json::to_string_pretty(&workloads_doc("ca", entries))?,
+        )?;
+        let bootstrap_dir = self.dir.path().join("ca-bootstrap");
+        let addr = format!("{}:{CA_PORT}", node.link_ipv4);
+        let args: Vec<String> = vec![
+            "--log-format".into(),
+            "json".into(),
+            "ca".into(),
+            "--trust-domain".into(),
+            "cluster.local".into(),
+            "--listen".into(),
+            addr.clone(),
+            "--directory".into(),
+            directory.display().to_string(),
+            "--bootstrap-dir".into(),
+            bootstrap_dir.display().to_string(),
+            "--svid-ttl-secs".into(),
+            svid_ttl_secs.to_string(),
+        ];
+        let daemon = self.launch_daemon(&node, "ca", &args, None)?;
+        wait_until(Duration::from_secs(30), || {
+            if daemon.has_exited() {
+                bail!("ambit ca exited during start-up:\n{}", daemon.raw_log());
+            }
+            Ok(bootstrap_dir.join("bundle.pem").exists())
+        })?;
+        self.wait_for_listener(&node, CA_PORT)?;
+        self.ca
+            .set(CaInfo {
+                addr,
+                bootstrap_dir,
+            })
+            .map_err(|_| anyhow::anyhow!("a CA is already running"))?;
+        Ok(daemon)
+    }
+
+    /// Spawns `ambit ARGS` in `node`'s netns, in the cgroup `<node>/<role>`.
+    fn launch_daemon(
+        &self,
+        node: &crate::Node,
+        role: &str,
+        args: &[String],
+        filter: Option<&str>,
+    ) -> Result<Agent> {
         let place = AgentPlace {
             netns: node.netns.clone(),
-            cgroup: node.cgroup.join("agent"),
+            cgroup: node.cgroup.join(role),
         };
         std::fs::create_dir_all(&place.cgroup)?;
-        let restarts = std::fs::read_dir(self.dir.path())?
+        let prefix = format!("{role}-n{}-", node.index);
+        let generation = std::fs::read_dir(self.dir.path())?
             .filter_map(Result::ok)
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("agent-n{}-", node.index))
-            })
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
             .count()
             / 2;
-        let name = format!("agent-n{}-{restarts}", node.index);
+        let name = format!("{prefix}{generation}");
         let binary = agent_binary()?;
         let mut cmd = exec::command(&place, binary.to_str().unwrap(), &[]);
-        cmd.args(["--log-format", "json", "run", "--workloads"])
-            .arg(&workloads_file)
-            .arg("--cgroup-path")
-            .arg(&node.cgroup)
-            .arg("--bpf-pin-dir")
-            .arg(&node.bpf_pin_dir)
-            .args(["--reload-interval-ms", "100"])
-            .args(extra);
+        cmd.args(args);
         match (filter, std::env::var_os("AMBIT_LOG")) {
             (Some(filter), _) => cmd.env("AMBIT_LOG", filter),
             (None, None) => cmd.env("AMBIT_LOG", "info"),
             (None, Some(_)) => &mut cmd,
         };
         let pid = self.spawn_command(&mut cmd, &name)?;
-        let agent = Agent {
+        Ok(Agent {
             log_path: self.dir.path().join(format!("{name}.err")),
             name,
             pid,
-            workloads_file,
-            bpf_pin_dir: node.bpf_pin_dir.clone(),
+            workloads_file: PathBuf::new(),
+            bpf_pin_dir: PathBuf::new(),
             children: Arc::clone(&self.children),
-        };
-        agent.wait_ready()?;
-        Ok(agent)
+        })
     }
 }
 
+/// Port of `ambit ca` in the testbed.
+pub const CA_PORT: u16 = 15012;
+
+/// Where the testbed's CA listens and wrote its bootstrap files.
+#[derive(Debug)]
+pub struct CaInfo {
+    pub addr: String,
+    pub bootstrap_dir: PathBuf,
+}
+
+/// A workloads file (JSON, which is YAML) for `node` listing `entries`.
+fn workloads_doc(node: &str, entries: &[WorkloadEntry]) -> Value {
+    let workloads: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let mut labels = json!({
+                "app": e.pod.name,
+                "ambit.dev/mesh": if e.enrolled { "enabled" } else { "disabled" },
+            });
+            if e.permissive {
+                labels["ambit.dev/mtls-mode"] = json!("permissive");
+            }
+            json!({
+                "name": e.pod.name,
+                "namespace": e.namespace,
+                "serviceAccount": e.service_account,
+                "labels": labels,
+                "netns": e.pod.netns_path(),
+                "ips": [e.pod.ipv4.to_string(), e.pod.ipv6.to_string()],
+                "node": format!("node{}", e.pod.node),
+            })
+        })
+        .collect();
+    json!({ "node": node, "workloads": workloads })
+}
+
 impl Agent {
-    fn wait_ready(&self) -> Result<()> {
+    /// Waits for a record with message `msg`, failing early if the process exits.
+    pub fn wait_for(&self, msg: &str) -> Result<()> {
         wait_until(Duration::from_secs(30), || {
             if self.has_exited() {
-                bail!("agent exited during start-up:\n{}", self.raw_log());
+                bail!("{} exited during start-up:\n{}", self.name, self.raw_log());
             }
-            Ok(self.logs().iter().any(|l| message(l) == "agent ready"))
+            Ok(self.logs().iter().any(|l| message(l) == msg))
         })
-        .with_context(|| {
-            format!(
-                "agent {} did not become ready:\n{}",
-                self.name,
-                self.raw_log()
-            )
-        })
+        .with_context(|| format!("{} never logged {msg:?}:\n{}", self.name, self.raw_log()))
     }
 
     pub fn raw_log(&self) -> String {

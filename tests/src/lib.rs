@@ -103,6 +103,7 @@ pub struct Testbed {
     nodes: Vec<Node>,
     pods: Vec<Pod>,
     children: Arc<Mutex<Vec<Child>>>,
+    ca: std::sync::OnceLock<agent::CaInfo>,
 }
 
 fn pod_ipv4(node: usize, slot: usize) -> Ipv4Addr {
@@ -137,6 +138,7 @@ impl Testbed {
             nodes: Vec::new(),
             pods: Vec::new(),
             children: Arc::new(Mutex::new(Vec::new())),
+            ca: std::sync::OnceLock::new(),
         };
         for index in 0..nodes {
             testbed.add_node(index)?;

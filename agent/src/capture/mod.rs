@@ -2,17 +2,25 @@
 //! attaching them to the cgroup, enrolling namespaces, and answering "where
 //! was this accepted connection really going?".
 
+mod inbound;
 mod log_pump;
 mod programs;
 
 use std::{
+    collections::HashSet,
     net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    path::Path,
     sync::Mutex,
 };
 
-use ambit_common::{AF_INET, ClientKey, IpWords, MAP_ENROLLED, MAP_ORIG_DST, OriginalDst};
+use ambit_common::{
+    AF_INET, ClientKey, IpWords, MAP_ENROLLED, MAP_INBOUND_IPS, MAP_INBOUND_LISTENERS,
+    MAP_ORIG_DST, OriginalDst,
+};
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, MapData, SockHash};
+use inbound::InboundCapture;
 
 pub use programs::LoadedPrograms;
 
@@ -22,7 +30,9 @@ use crate::config::CaptureConfig;
 pub struct Capture {
     enrolled: Mutex<HashMap<MapData, u64, u32>>,
     orig_dst: Mutex<HashMap<MapData, ClientKey, OriginalDst>>,
-    programs: LoadedPrograms,
+    /// The inbound maps and the programs (whose sk_lookup program is
+    /// attached per pod), behind one lock.
+    inbound: Mutex<(LoadedPrograms, InboundCapture)>,
 }
 
 impl Capture {
@@ -39,11 +49,47 @@ impl Capture {
             ebpf.take_map(MAP_ORIG_DST)
                 .context("eBPF object has no original-destination map")?,
         )?;
+        let inbound = InboundCapture {
+            ips: HashMap::try_from(
+                ebpf.take_map(MAP_INBOUND_IPS)
+                    .context("eBPF object has no inbound address map")?,
+            )?,
+            listeners: SockHash::try_from(
+                ebpf.take_map(MAP_INBOUND_LISTENERS)
+                    .context("eBPF object has no inbound listener map")?,
+            )?,
+            pin_dir: programs.pin_dir().to_path_buf(),
+        };
         Ok(Self {
             enrolled: Mutex::new(enrolled),
             orig_dst: Mutex::new(orig_dst),
-            programs,
+            inbound: Mutex::new((programs, inbound)),
         })
+    }
+
+    /// Steers inbound connections to `ips` inside the pod's netns to
+    /// `listener` (the pod's plaintext-capture listener).
+    pub fn capture_inbound(
+        &self,
+        netns_path: &Path,
+        netns_cookie: u64,
+        ips: &[IpAddr],
+        listener: &impl AsRawFd,
+    ) -> Result<()> {
+        let mut guard = self.inbound.lock().expect("inbound lock");
+        let (programs, inbound) = &mut *guard;
+        inbound.attach(
+            programs.inbound_program()?,
+            netns_path,
+            netns_cookie,
+            ips,
+            listener,
+        )
+    }
+
+    pub fn release_inbound(&self, netns_cookie: u64, ips: &[IpAddr]) -> Result<()> {
+        let mut guard = self.inbound.lock().expect("inbound lock");
+        guard.1.detach(netns_cookie, ips)
     }
 
     pub fn enroll(&self, netns_cookie: u64) -> Result<()> {
@@ -83,9 +129,17 @@ impl Capture {
         Some(socket_addr(&dst))
     }
 
+    /// Removes inbound capture a previous agent left for pods that are gone.
+    pub fn forget_stale_inbound(&self, live_cookies: &HashSet<u64>, live_ips: &[IpAddr]) {
+        let live_ips = live_ips.iter().map(|ip| inbound::ip_words(*ip)).collect();
+        let mut guard = self.inbound.lock().expect("inbound lock");
+        guard.1.forget_stale(live_cookies, &live_ips);
+    }
+
     /// Detaches the programs and removes every pin (for `--cleanup-on-exit`).
     pub fn remove_pins(self) -> Result<()> {
-        self.programs.remove_pins()
+        let (programs, _) = self.inbound.into_inner().expect("inbound lock");
+        programs.remove_pins()
     }
 }
 

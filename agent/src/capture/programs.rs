@@ -5,11 +5,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ambit_common::{GLOBAL_OUTBOUND_PORT, GLOBAL_SOCKET_MARK};
+use ambit_common::{
+    GLOBAL_INBOUND_CAPTURE_PORT, GLOBAL_OUTBOUND_PORT, GLOBAL_SOCKET_MARK, GLOBAL_TUNNEL_PORT,
+    INBOUND_CAPTURE_PORT, TUNNEL_PORT,
+};
 use anyhow::{Context, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use tokio::task::JoinHandle;
 
@@ -20,6 +23,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// Program function names in the object, and the file each one's cgroup link
 /// is pinned under.
+/// The inbound program, attached per pod netns rather than to the cgroup.
+const INBOUND_PROGRAM: &str = "ambit_inbound";
+
 const PROGRAMS: [(&str, &str); 3] = [
     ("ambit_connect4", "link_connect4"),
     ("ambit_connect6", "link_connect6"),
@@ -46,6 +52,8 @@ impl LoadedPrograms {
             .default_map_pin_directory(&pin_dir)
             .override_global(GLOBAL_SOCKET_MARK, &config.socket_mark, true)
             .override_global(GLOBAL_OUTBOUND_PORT, &config.outbound_port, true)
+            .override_global(GLOBAL_INBOUND_CAPTURE_PORT, &INBOUND_CAPTURE_PORT, true)
+            .override_global(GLOBAL_TUNNEL_PORT, &TUNNEL_PORT, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .load(EBPF_OBJECT)
             .with_context(|| {
@@ -69,6 +77,13 @@ impl LoadedPrograms {
             })?;
             replace_pinned_link(link, &pin_dir.join(pin))?;
         }
+        let inbound: &mut SkLookup = ebpf
+            .program_mut(INBOUND_PROGRAM)
+            .context("eBPF object has no inbound program")?
+            .try_into()?;
+        inbound
+            .load()
+            .context("loading the inbound sk_lookup program (needs Linux 5.9 or newer)")?;
         tracing::info!(
             cgroup = %cgroup_dir.display(),
             pin_dir = %pin_dir.display(),
@@ -84,6 +99,19 @@ impl LoadedPrograms {
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The loaded (not attached) inbound program.
+    pub fn inbound_program(&mut self) -> Result<&mut SkLookup> {
+        Ok(self
+            .ebpf
+            .program_mut(INBOUND_PROGRAM)
+            .context("eBPF object has no inbound program")?
+            .try_into()?)
     }
 
     /// Detaches every program (by dropping the last reference to its link)
@@ -122,7 +150,7 @@ fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> Result<FdLink> {
 /// Pins `link` at `path`, releasing a link a previous agent pinned there.
 /// The new link is attached before the old one goes, so capture never lapses
 /// (the programs are idempotent when both run).
-fn replace_pinned_link(link: FdLink, path: &Path) -> Result<()> {
+pub(super) fn replace_pinned_link(link: FdLink, path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Ok(()) => tracing::info!(pin = %path.display(), "replaced the link of a previous agent"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -76,6 +76,13 @@ pub struct SvidKey {
 }
 
 impl SvidKey {
+    /// Takes a PKCS#8 DER private key the caller generated (for example to
+    /// send a CSR to a remote CA). The caller is responsible for it being
+    /// the key of the certificate it is later paired with.
+    pub fn from_pkcs8_der(pkcs8: Zeroizing<Vec<u8>>) -> Self {
+        Self { pkcs8 }
+    }
+
     /// Borrowed DER, for handing to rustls (whose ring key loader zeroizes its
     /// own copy).
     pub fn private_key_der(&self) -> PrivateKeyDer<'_> {
@@ -101,6 +108,32 @@ pub struct SvidCertificate {
 }
 
 impl SvidCertificate {
+    /// Wraps a chain (leaf first) obtained elsewhere, e.g. from a remote CA,
+    /// reading serial and validity from the leaf. This does not verify
+    /// anything: check the chain with `verify_svid` first and pass the ID it
+    /// returned.
+    pub fn from_chain(
+        spiffe_id: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, CaError> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| CaError::Inspect("the certificate chain is empty".into()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| CaError::Inspect(e.to_string()))?;
+        let validity = cert.validity();
+        let serial = cert.raw_serial().to_vec();
+        let not_before = unix_to_system(validity.not_before.timestamp())?;
+        let not_after = unix_to_system(validity.not_after.timestamp())?;
+        Ok(Self {
+            spiffe_id,
+            chain,
+            serial,
+            not_before,
+            not_after,
+        })
+    }
+
     pub fn spiffe_id(&self) -> &SpiffeId {
         &self.spiffe_id
     }
@@ -151,6 +184,12 @@ pub struct Svid {
 }
 
 impl Svid {
+    /// Pairs a certificate with its private key (e.g. an SVID a remote CA
+    /// issued for a CSR). The caller checks that the key matches the leaf.
+    pub fn from_parts(cert: SvidCertificate, key: SvidKey) -> Self {
+        Self { cert, key }
+    }
+
     pub fn certificate(&self) -> &SvidCertificate {
         &self.cert
     }
@@ -442,19 +481,7 @@ fn svid_certificate(
     leaf: CertificateDer<'static>,
     intermediate: CertificateDer<'static>,
 ) -> Result<SvidCertificate, CaError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(&leaf).map_err(|e| CaError::Inspect(e.to_string()))?;
-    let validity = cert.validity();
-    let serial = cert.raw_serial().to_vec();
-    let not_before = unix_to_system(validity.not_before.timestamp())?;
-    let not_after = unix_to_system(validity.not_after.timestamp())?;
-    Ok(SvidCertificate {
-        spiffe_id,
-        chain: vec![leaf, intermediate],
-        serial,
-        not_before,
-        not_after,
-    })
+    SvidCertificate::from_chain(spiffe_id, vec![leaf, intermediate])
 }
 
 fn unix_to_system(secs: i64) -> Result<SystemTime, CaError> {

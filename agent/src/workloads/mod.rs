@@ -1,6 +1,7 @@
 //! What runs on this node: the workload model, the enrollment rule, and the
 //! sources that report workloads (a local file now, Kubernetes later).
 
+pub mod directory;
 pub mod file;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
@@ -10,6 +11,11 @@ use serde::Deserialize;
 /// The label that enrolls a namespace or pod (`enabled`) or opts a pod out
 /// (`disabled`).
 pub const MESH_LABEL: &str = "ambit.dev/mesh";
+
+/// A pod label that relaxes inbound capture for that pod: `permissive`
+/// lets plaintext from outside the mesh through (logged); anything else, or
+/// no label, is strict: plaintext is refused.
+pub const MTLS_MODE_LABEL: &str = "ambit.dev/mtls-mode";
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -64,6 +70,11 @@ impl Workload {
     pub fn id(&self) -> String {
         self.key().to_string()
     }
+
+    /// Whether plaintext from outside the mesh may reach this pod.
+    pub fn permissive(&self) -> bool {
+        self.labels.get(MTLS_MODE_LABEL).map(String::as_str) == Some("permissive")
+    }
 }
 
 /// Everything a workload source reports about this node at one moment.
@@ -78,14 +89,19 @@ impl NodeWorkloads {
     /// The workloads this agent must capture: on this node, and enrolled by
     /// label. A pod's own label wins over its namespace's.
     pub fn enrolled(&self) -> impl Iterator<Item = &Workload> {
+        self.in_mesh()
+            .filter(|w| w.node.as_deref().is_none_or(|n| n == self.node))
+    }
+
+    /// Every enrolled workload, on any node: the possible tunnel peers.
+    pub fn in_mesh(&self) -> impl Iterator<Item = &Workload> {
         self.workloads.iter().filter(|w| {
-            let on_this_node = w.node.as_deref().is_none_or(|n| n == self.node);
             let namespace_labels = self
                 .namespaces
                 .iter()
                 .find(|ns| ns.name == w.namespace)
                 .map(|ns| &ns.labels);
-            on_this_node && is_enrolled(&w.labels, namespace_labels)
+            is_enrolled(&w.labels, namespace_labels)
         })
     }
 }

@@ -9,20 +9,30 @@
 pub const DEFAULT_SOCKET_MARK: u32 = 0x0a3b;
 /// Port of the outbound listener the agent opens inside each enrolled pod.
 pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the agent's inbound plaintext-capture listener in each pod.
+pub const INBOUND_CAPTURE_PORT: u16 = 15006;
+/// Port of the agent's inbound mTLS tunnel (HBONE) listener on each pod IP.
+pub const TUNNEL_PORT: u16 = 15008;
 
 /// Names of the maps, as pinned under the agent's bpffs directory.
 pub const MAP_ENROLLED: &str = "AMBIT_ENROLLED";
 pub const MAP_PENDING: &str = "AMBIT_PENDING";
 pub const MAP_ORIG_DST: &str = "AMBIT_ORIG_DST";
+pub const MAP_INBOUND_IPS: &str = "AMBIT_INBOUND_IPS";
+pub const MAP_INBOUND_LISTENERS: &str = "AMBIT_INBOUND_LISTENERS";
 /// Names of the globals the agent sets at load time.
 pub const GLOBAL_SOCKET_MARK: &str = "AMBIT_SOCKET_MARK";
 pub const GLOBAL_OUTBOUND_PORT: &str = "AMBIT_OUTBOUND_PORT";
+pub const GLOBAL_INBOUND_CAPTURE_PORT: &str = "AMBIT_INBOUND_CAPTURE_PORT";
+pub const GLOBAL_TUNNEL_PORT: &str = "AMBIT_TUNNEL_PORT";
 
 /// Capacity of the per-connection maps. They are LRU maps, so a burst beyond
 /// this evicts the oldest entries instead of failing new connections.
 pub const CONNECTION_MAP_CAPACITY: u32 = 65_536;
 /// Capacity of the enrollment map (pods on one node).
 pub const ENROLLED_MAP_CAPACITY: u32 = 4_096;
+/// Capacity of the inbound maps (pod addresses on one node, two per pod).
+pub const INBOUND_MAP_CAPACITY: u32 = 8_192;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -105,6 +115,7 @@ pub struct PendingConnection {
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are repr(C) plain data with explicit padding fields.
+    unsafe impl aya::Pod for super::IpWords {}
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::PendingConnection {}

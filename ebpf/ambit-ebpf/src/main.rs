@@ -7,23 +7,30 @@
 //! * `sockops` publishes that destination under the client's (netns, address,
 //!   port) once the connection is established, which is what the agent sees
 //!   after accept(), and deletes every trace of the connection when it closes.
+//! * `ambit_inbound` (sk_lookup, attached to each enrolled pod's netns)
+//!   hands connections for the pod's addresses to the agent's plaintext
+//!   capture listener, so nothing reaches the application without the agent
+//!   deciding (strict mTLS); only the tunnel port and the pod's own traffic
+//!   pass untouched.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use ambit_common::{
-    AF_INET, AF_INET6, CONNECTION_MAP_CAPACITY, ClientKey, ENROLLED_MAP_CAPACITY, IpWords,
-    OUTBOUND_PORT, OriginalDst, PendingConnection,
+    AF_INET, AF_INET6, CONNECTION_MAP_CAPACITY, ClientKey, ENROLLED_MAP_CAPACITY,
+    INBOUND_CAPTURE_PORT, INBOUND_MAP_CAPACITY, IpWords, OUTBOUND_PORT, OriginalDst,
+    PendingConnection, TUNNEL_PORT,
 };
 use aya_ebpf::{
     Global,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr,
+        sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LruHashMap},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LruHashMap, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use core::ptr::read_volatile;
@@ -39,6 +46,10 @@ const TCP_CLOSE: u32 = 7;
 static AMBIT_SOCKET_MARK: Global<u32> = Global::new(ambit_common::DEFAULT_SOCKET_MARK);
 #[unsafe(no_mangle)]
 static AMBIT_OUTBOUND_PORT: Global<u16> = Global::new(OUTBOUND_PORT);
+#[unsafe(no_mangle)]
+static AMBIT_INBOUND_CAPTURE_PORT: Global<u16> = Global::new(INBOUND_CAPTURE_PORT);
+#[unsafe(no_mangle)]
+static AMBIT_TUNNEL_PORT: Global<u16> = Global::new(TUNNEL_PORT);
 
 /// Enrolled network namespaces, by netns cookie. Written only by the agent.
 #[map(name = "AMBIT_ENROLLED")]
@@ -53,6 +64,15 @@ static PENDING: LruHashMap<u64, PendingConnection> = LruHashMap::pinned(CONNECTI
 #[map(name = "AMBIT_ORIG_DST")]
 static ORIG_DST: LruHashMap<ClientKey, OriginalDst> =
     LruHashMap::pinned(CONNECTION_MAP_CAPACITY, 0);
+
+/// Addresses of enrolled pods under inbound capture (IPv4 as mapped).
+#[map(name = "AMBIT_INBOUND_IPS")]
+static INBOUND_IPS: HashMap<IpWords, u32> = HashMap::pinned(INBOUND_MAP_CAPACITY, 0);
+
+/// The agent's plaintext-capture listener of each pod, by pod address. The
+/// kernel drops an entry when its socket closes (the agent died).
+#[map(name = "AMBIT_INBOUND_LISTENERS")]
+static INBOUND_LISTENERS: SockHash<IpWords> = SockHash::pinned(INBOUND_MAP_CAPACITY, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
@@ -244,6 +264,66 @@ fn on_close(ctx: &SockOpsContext) {
             let _ = ORIG_DST.remove(pending.client);
         }
         let _ = PENDING.remove(cookie);
+    }
+}
+
+#[sk_lookup]
+pub fn ambit_inbound(ctx: SkLookupContext) -> u32 {
+    let lookup = ctx.lookup;
+    // SAFETY: plain loads from the live sk_lookup context, each field read
+    // on its own (see on_established).
+    let (protocol, family, local_port, local4, remote4, local6, remote6) = unsafe {
+        (
+            read_volatile(&(*lookup).protocol),
+            read_volatile(&(*lookup).family),
+            read_volatile(&(*lookup).local_port),
+            read_volatile(&(*lookup).local_ip4),
+            read_volatile(&(*lookup).remote_ip4),
+            [
+                read_volatile(&(*lookup).local_ip6[0]),
+                read_volatile(&(*lookup).local_ip6[1]),
+                read_volatile(&(*lookup).local_ip6[2]),
+                read_volatile(&(*lookup).local_ip6[3]),
+            ],
+            [
+                read_volatile(&(*lookup).remote_ip6[0]),
+                read_volatile(&(*lookup).remote_ip6[1]),
+                read_volatile(&(*lookup).remote_ip6[2]),
+                read_volatile(&(*lookup).remote_ip6[3]),
+            ],
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let port = local_port as u16;
+    if port == AMBIT_TUNNEL_PORT.load()
+        || port == AMBIT_INBOUND_CAPTURE_PORT.load()
+        || port == AMBIT_OUTBOUND_PORT.load()
+    {
+        return SK_PASS;
+    }
+    let (local, remote) = if family == u32::from(AF_INET6) {
+        (IpWords(local6), IpWords(remote6))
+    } else {
+        (
+            IpWords::from_ipv4_word(local4),
+            IpWords::from_ipv4_word(remote4),
+        )
+    };
+    if INBOUND_IPS.get_ptr(local).is_none() {
+        return SK_PASS;
+    }
+    // From inside the pod itself: the application talking to its own
+    // address, or the agent delivering a tunnelled connection.
+    if remote == local {
+        return SK_PASS;
+    }
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
+        Ok(()) => SK_PASS,
+        // The pod is captured but its listener is gone (agent down): fail
+        // closed rather than let plaintext reach the application.
+        Err(_) => SK_DROP,
     }
 }
 

@@ -1,0 +1,82 @@
+//! Inbound plaintext: connections to an enrolled pod that did not come
+//! through the tunnel, handed to the agent by the sk_lookup program.
+//! Strict pods refuse them with a reset; permissive pods let them through.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::relay::relay;
+use crate::netns::Netns;
+
+pub struct PlaintextContext {
+    pub workload: String,
+    pub netns: Arc<Netns>,
+    pub socket_mark: u32,
+    pub connect_timeout: Duration,
+    pub permissive: bool,
+}
+
+pub async fn serve(listener: TcpListener, ctx: Arc<PlaintextContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer, Arc::clone(&ctx)));
+            }
+            Err(e) => {
+                tracing::warn!(workload = %ctx.workload, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// An IPv4 peer of a dual-stack socket shows as `::ffff:a.b.c.d`.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PlaintextContext>) {
+    let peer = unmapped(peer);
+    // sk_lookup does not rewrite addresses: the local end is what the peer dialled.
+    let Ok(dst) = stream.local_addr().map(unmapped) else {
+        return;
+    };
+    if !ctx.permissive {
+        tracing::info!(workload = %ctx.workload, src = %peer, dst = %dst,
+            reason = "plaintext from outside the mesh to a strict mTLS workload",
+            "inbound plaintext denied");
+        // A reset, not a clean close: the client must not mistake a refusal
+        // for an empty response.
+        let _ = stream.set_zero_linger();
+        return;
+    }
+    tracing::info!(workload = %ctx.workload, src = %peer, dst = %dst,
+        "inbound plaintext allowed (permissive)");
+    let mut downstream = stream;
+    let connect = ctx.netns.connect(dst, ctx.socket_mark);
+    let mut upstream = match tokio::time::timeout(ctx.connect_timeout, connect).await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => {
+            tracing::info!(workload = %ctx.workload, %dst, error = %format!("{e:#}"),
+                "inbound plaintext failed: application unreachable");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(workload = %ctx.workload, %dst, "inbound plaintext failed: connect timed out");
+            return;
+        }
+    };
+    let (stats, result) = relay(&mut downstream, &mut upstream).await;
+    tracing::info!(workload = %ctx.workload, src = %peer, %dst,
+        bytes_sent = stats.sent, bytes_received = stats.received,
+        duration_ms = stats.duration.as_millis() as u64,
+        error = result.err().map(|e| e.to_string()),
+        "inbound plaintext closed");
+}

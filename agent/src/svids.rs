@@ -1,0 +1,149 @@
+//! The SVIDs of this node's workloads: fetched from the identity source
+//! when a pod is enrolled, renewed at half life, shared by every pod with
+//! the same service account.
+//!
+//! Handlers see `None` until the first SVID arrives and must deny until
+//! then (fail closed): a pod is captured before its identity is ready.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+
+use crate::{
+    ca_service::CaClient,
+    identity::{CertificateAuthority, SpiffeId, Svid, TrustBundles},
+};
+
+/// Where SVIDs come from (DESIGN.md §2). Both sources only ever issue for
+/// workloads on this node: the embedded CA because it only serves this
+/// agent, the remote CA because it checks the node credential.
+pub enum IdentitySource {
+    /// Local mode: a CA inside the agent.
+    Embedded {
+        ca: Box<CertificateAuthority>,
+        ttl: Option<Duration>,
+    },
+    /// Cluster mode: `ambit ca`, reached with the node's bootstrap credential.
+    Remote(CaClient),
+}
+
+impl IdentitySource {
+    pub fn bundles(&self) -> Result<Arc<TrustBundles>> {
+        match self {
+            Self::Embedded { ca, .. } => {
+                let mut bundles = TrustBundles::new();
+                bundles.add_root(ca.trust_domain().clone(), ca.root_certificate())?;
+                Ok(Arc::new(bundles))
+            }
+            Self::Remote(client) => Ok(client.bundles()),
+        }
+    }
+
+    async fn fetch(&self, id: &SpiffeId) -> Result<Svid> {
+        match self {
+            Self::Embedded { ca, ttl } => Ok(ca.issue_svid(id, *ttl)?),
+            Self::Remote(client) => Ok(client.request_svid(id, None).await?),
+        }
+    }
+}
+
+pub type SvidWatch = watch::Receiver<Option<Arc<Svid>>>;
+
+/// Called after every renewal (the tunnel pool forgets its connections so
+/// that new ones handshake with the new certificate).
+pub type OnRotate = Arc<dyn Fn(&SpiffeId) + Send + Sync>;
+
+pub struct SvidStore {
+    source: Arc<IdentitySource>,
+    bundles: Arc<TrustBundles>,
+    on_rotate: OnRotate,
+    watches: Mutex<HashMap<SpiffeId, SvidWatch>>,
+}
+
+/// Retry delays after a failed fetch, capped.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+impl SvidStore {
+    pub fn new(source: IdentitySource, on_rotate: OnRotate) -> Result<Self> {
+        let bundles = source.bundles().context("loading the trust bundle")?;
+        Ok(Self {
+            source: Arc::new(source),
+            bundles,
+            on_rotate,
+            watches: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn bundles(&self) -> Arc<TrustBundles> {
+        Arc::clone(&self.bundles)
+    }
+
+    /// The live SVID of `id`, starting its fetch-and-renew task on first use.
+    pub fn watch(&self, id: &SpiffeId) -> SvidWatch {
+        let mut watches = self.watches.lock().expect("svid store lock");
+        if let Some(existing) = watches.get(id) {
+            return existing.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        watches.insert(id.clone(), rx.clone());
+        tokio::spawn(keep_fresh(
+            Arc::clone(&self.source),
+            id.clone(),
+            tx,
+            Arc::clone(&self.on_rotate),
+        ));
+        rx
+    }
+}
+
+/// Fetches `id`'s SVID, then renews it at every half life, forever. A
+/// failed renewal is retried with backoff; the old SVID keeps serving until
+/// it expires.
+async fn keep_fresh(
+    source: Arc<IdentitySource>,
+    id: SpiffeId,
+    tx: watch::Sender<Option<Arc<Svid>>>,
+    on_rotate: OnRotate,
+) {
+    let mut retry = RETRY_MIN;
+    loop {
+        match source.fetch(&id).await {
+            Ok(svid) => {
+                retry = RETRY_MIN;
+                let renew_in = svid
+                    .renew_at()
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                let rotated = tx.borrow().is_some();
+                tracing::info!(
+                    spiffe_id = %id,
+                    serial = %hex(svid.serial()),
+                    renew_in_secs = renew_in.as_secs(),
+                    "{}", if rotated { "svid rotated" } else { "svid issued" }
+                );
+                tx.send_replace(Some(Arc::new(svid)));
+                if rotated {
+                    on_rotate(&id);
+                }
+                tokio::time::sleep(renew_in).await;
+            }
+            Err(e) => {
+                tracing::warn!(spiffe_id = %id, error = %format!("{e:#}"),
+                    retry_in_ms = retry.as_millis() as u64, "cannot obtain svid");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Lower-case hex, as certificate serials are usually shown.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

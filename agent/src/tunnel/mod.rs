@@ -1,0 +1,85 @@
+//! HBONE: the tunnel between agents.
+//!
+//! HBONE ("HTTP-Based Overlay Network Environment", the protocol of Istio's
+//! ztunnel) carries each application TCP connection as one HTTP/2 `CONNECT`
+//! stream (plain RFC 9113 §8.5 CONNECT: `:method` and `:authority` only, no
+//! `:scheme` or `:path`), with `:authority = DST_IP:PORT`. Many streams share
+//! one mTLS connection to the destination's inbound listener on port
+//! [`HBONE_PORT`] (15008), so a new application connection costs one HEADERS
+//! round trip instead of a TCP and TLS handshake.
+//!
+//! This module only speaks HTTP/2 over an already established byte stream
+//! (a TLS stream in production, an in-memory pipe in tests):
+//! - [`HboneClient`] opens CONNECT streams over one connection,
+//! - [`serve`] accepts them and hands each valid one to the caller as an
+//!   [`InboundRequest`] to accept or reject,
+//! - [`HboneStream`] is one tunnelled connection as `AsyncRead + AsyncWrite`,
+//! - [`TunnelPool`] keeps one multiplexed client per key.
+//!
+//! The source workload's identity is the TLS client certificate, verified by
+//! the TLS layer. Nothing here reads identity from HTTP headers.
+
+mod authority;
+mod client;
+mod pool;
+mod server;
+mod settings;
+mod stream;
+
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod tests;
+
+use std::{io, sync::Arc};
+
+use http::StatusCode;
+
+pub use client::HboneClient;
+pub use pool::TunnelPool;
+pub use server::{InboundRequest, serve};
+pub use stream::HboneStream;
+
+/// The inbound tunnel port, as in Istio, so Ambit and ztunnel nodes can
+/// reach each other.
+pub const HBONE_PORT: u16 = 15008;
+
+/// The ALPN protocol to set on both tunnel TLS configurations: HBONE is
+/// HTTP/2 only, with no HTTP/1.1 fallback.
+pub const ALPN: &[u8] = b"h2";
+
+/// Why a tunnel operation failed.
+///
+/// The sources are behind `Arc` so the error is `Clone`: a [`TunnelPool`]
+/// hands the outcome of one shared handshake to every caller that waited on
+/// it, and neither `h2::Error` nor `io::Error` can be cloned.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TunnelError {
+    /// The HTTP/2 preface or SETTINGS exchange failed.
+    #[error("HTTP/2 handshake failed: {0}")]
+    Handshake(#[source] Arc<h2::Error>),
+    /// The established HTTP/2 connection failed (I/O error, GOAWAY with an
+    /// error, protocol violation by the peer).
+    #[error("HTTP/2 connection failed: {0}")]
+    Connection(#[source] Arc<h2::Error>),
+    /// Opening or answering one CONNECT stream failed, typically because
+    /// the connection was closed or the stream was reset.
+    #[error("HBONE stream failed: {0}")]
+    Stream(#[source] Arc<h2::Error>),
+    /// The peer answered the CONNECT with a non-2xx status (policy denial,
+    /// unreachable destination, ...).
+    #[error("the peer rejected the CONNECT request with status {0}")]
+    Rejected(StatusCode),
+    /// A CONNECT target that is not an `IP:port` a peer can use.
+    #[error("invalid CONNECT authority {0:?}: expected IP:port")]
+    BadAuthority(String),
+    /// Establishing the underlying transport (TCP, TLS) failed.
+    #[error("tunnel I/O failed: {0}")]
+    Io(#[source] Arc<io::Error>),
+}
+
+impl From<io::Error> for TunnelError {
+    fn from(e: io::Error) -> Self {
+        TunnelError::Io(Arc::new(e))
+    }
+}

@@ -1,0 +1,198 @@
+//! One tunnelled connection: an HTTP/2 CONNECT stream as a byte stream.
+
+use std::{
+    fmt, io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest chunk one `poll_write` hands to h2. Bounds the copy into a
+/// `Bytes` and keeps one stream from claiming the whole connection window
+/// in a single reservation.
+const MAX_WRITE: usize = 64 * 1024;
+
+/// An accepted HBONE stream, usable wherever a TCP stream is (for example
+/// with `tokio::io::copy_bidirectional`).
+///
+/// - Reads return data as the peer sends it and end (`Ok(0)`) at the peer's
+///   END_STREAM. Receive window is given back only as data is read, so a
+///   slow reader slows the sender instead of buffering.
+/// - Writes wait for send window, so nothing is buffered beyond it.
+/// - `shutdown` sends END_STREAM: the peer reads EOF, and this side can
+///   still read (TCP half-close).
+/// - A reset stream or a failed connection is an `io::Error`:
+///   `ConnectionReset` when reading, `BrokenPipe` when writing.
+pub struct HboneStream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received data not yet read by the caller. Its window is still
+    /// counted as used.
+    unread: Bytes,
+    /// END_STREAM was sent; later writes fail rather than wait on h2.
+    write_closed: bool,
+}
+
+impl HboneStream {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            unread: Bytes::new(),
+            write_closed: false,
+        }
+    }
+
+    /// Why the send side can no longer be written, as a write error.
+    fn send_closed_error(&mut self, cx: &mut Context<'_>) -> io::Error {
+        match self.send.poll_reset(cx) {
+            Poll::Ready(Ok(reason)) => io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("HBONE stream reset by peer ({reason})"),
+            ),
+            Poll::Ready(Err(e)) => write_error(e),
+            // Closed for sending without a reset (both sides ended): there
+            // is nothing to wait for.
+            Poll::Pending => io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "HBONE stream is closed for sending",
+            ),
+        }
+    }
+}
+
+impl fmt::Debug for HboneStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HboneStream")
+            .field("stream_id", &u32::from(self.send.stream_id()))
+            .field("unread", &self.unread.len())
+            .field("write_closed", &self.write_closed)
+            .finish()
+    }
+}
+
+impl AsyncRead for HboneStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.unread.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                // END_STREAM: EOF.
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(data)) => this.unread = data,
+                Some(Err(e)) => return Poll::Ready(read_error(e)),
+            }
+        }
+        let n = buf.remaining().min(this.unread.len());
+        buf.put_slice(&this.unread[..n]);
+        this.unread.advance(n);
+        // Give the window back only for what the caller consumed. This can
+        // fail only if the stream is already gone, which the next read
+        // reports, so the data in hand is still delivered.
+        let _ = this.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for HboneStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after HBONE stream shutdown",
+            )));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let want = buf.len().min(MAX_WRITE);
+        // Ask for exactly this write's window (h2 counts data it already
+        // buffers on top), so h2 never holds more than the peer allowed.
+        this.send.reserve_capacity(want);
+        loop {
+            // Capacity already assigned is used directly: `poll_capacity`
+            // only reports increases and could wait on capacity we hold.
+            let capacity = this.send.capacity();
+            if capacity > 0 {
+                let n = capacity.min(want);
+                let data = Bytes::copy_from_slice(&buf[..n]);
+                return Poll::Ready(match this.send.send_data(data, false) {
+                    Ok(()) => Ok(n),
+                    Err(_) => Err(this.send_closed_error(cx)),
+                });
+            }
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(write_error(e))),
+                None => return Poll::Ready(Err(this.send_closed_error(cx))),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Data handed to h2 is written by the connection task; there is no
+        // stream-level buffer to flush.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        // An empty DATA frame with END_STREAM, queued behind the data
+        // already written, closes only our direction.
+        match this.send.send_data(Bytes::new(), true) {
+            Ok(()) => {
+                this.write_closed = true;
+                Poll::Ready(Ok(()))
+            }
+            Err(_) => {
+                // The peer already said it wants no more data: done.
+                if let Poll::Ready(Ok(Reason::NO_ERROR)) = this.send.poll_reset(cx) {
+                    this.write_closed = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Err(this.send_closed_error(cx)))
+            }
+        }
+    }
+}
+
+/// A receive-side failure. A reset with NO_ERROR is the peer finishing
+/// early on purpose (RFC 9113 §8.1), so it reads as EOF; any other reset or
+/// connection failure must not look like a clean end of data.
+fn read_error(e: h2::Error) -> io::Result<()> {
+    if e.is_reset() && e.reason() == Some(Reason::NO_ERROR) {
+        return Ok(());
+    }
+    Err(stream_io_error(e, io::ErrorKind::ConnectionReset))
+}
+
+fn write_error(e: h2::Error) -> io::Error {
+    stream_io_error(e, io::ErrorKind::BrokenPipe)
+}
+
+/// Keeps the kind of an underlying I/O error; h2 protocol errors (reset,
+/// GOAWAY) get `kind`.
+fn stream_io_error(e: h2::Error, kind: io::ErrorKind) -> io::Error {
+    if e.is_io() {
+        match e.into_io() {
+            Some(io) => io,
+            None => io::Error::new(kind, "HBONE connection I/O error"),
+        }
+    } else {
+        io::Error::new(kind, e)
+    }
+}
