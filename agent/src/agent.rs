@@ -8,15 +8,25 @@ use std::{
     time::Duration,
 };
 
+use ambit_common::{INBOUND_CAPTURE_PORT, TUNNEL_PORT};
 use anyhow::{Context, Result};
-use tokio::{net::TcpListener, signal::unix::SignalKind, task::JoinHandle};
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch, task::JoinHandle};
 
 use crate::{
+    ca_service::{BUNDLE_FILE, CaClient, NODE_CHAIN_FILE, NODE_KEY_FILE, NODES_DIR},
     capture::Capture,
-    config::RunConfig,
+    config::{IdentityConfig, RunConfig},
+    identity::{CertificateAuthority, SpiffeId, TrustDomain},
+    mesh::Mesh,
     netns::Netns,
-    proxy::outbound::{self, OutboundContext},
-    workloads::{self, NodeWorkloads, Workload},
+    proxy::{
+        inbound_plain::{self, PlaintextContext},
+        inbound_tunnel::{self, TunnelContext},
+        outbound::{self, OutboundContext},
+    },
+    svids::{IdentitySource, SvidStore},
+    tunnel::TunnelPool,
+    workloads::{self, NodeWorkloads, Workload, directory::Directory},
 };
 
 /// How often pods that failed to enroll (e.g. their netns was not there yet)
@@ -27,13 +37,13 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 struct CapturedPod {
     spec: Workload,
     netns: Arc<Netns>,
-    listeners: Vec<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for CapturedPod {
     fn drop(&mut self) {
-        for listener in &self.listeners {
-            listener.abort();
+        for task in &self.tasks {
+            task.abort();
         }
     }
 }
@@ -41,22 +51,75 @@ impl Drop for CapturedPod {
 pub struct Agent {
     config: RunConfig,
     capture: Arc<Capture>,
+    mesh: Arc<Mesh>,
+    directory: watch::Sender<Arc<Directory>>,
     pods: BTreeMap<String, CapturedPod>,
+}
+
+fn identity_source(config: &RunConfig, node: &str, td: &TrustDomain) -> Result<IdentitySource> {
+    Ok(match &config.identity {
+        IdentityConfig::Embedded { svid_ttl } => IdentitySource::Embedded {
+            ca: Box::new(CertificateAuthority::new(td.clone())?),
+            ttl: *svid_ttl,
+        },
+        IdentityConfig::Remote {
+            addr,
+            bootstrap_dir,
+        } => {
+            let node_dir = bootstrap_dir.join(NODES_DIR).join(node);
+            let client = CaClient::new(
+                *addr,
+                node_dir.join(NODE_CHAIN_FILE),
+                node_dir.join(NODE_KEY_FILE),
+                bootstrap_dir.join(BUNDLE_FILE),
+            )?;
+            anyhow::ensure!(
+                client.trust_domain() == td,
+                "the CA's trust domain is {}, but this agent was started with --trust-domain {td}",
+                client.trust_domain()
+            );
+            IdentitySource::Remote(client)
+        }
+    })
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: RunConfig) -> Result<()> {
     // Missing privileges first (they also explain unreadable files), then a
-    // bad workloads file, both before the kernel is touched.
+    // bad workloads file or identity setup, all before the kernel is touched.
     crate::preflight::check_capabilities()?;
     let mut workloads = workloads::file::watch(&config.workloads_file, config.reload_interval)?;
+    let initial = workloads.borrow_and_update().clone();
+    let trust_domain = TrustDomain::new(&config.trust_domain)
+        .with_context(|| format!("invalid --trust-domain {:?}", config.trust_domain))?;
+    let pool = TunnelPool::new();
+    let on_rotate = {
+        let pool = pool.clone();
+        // New connections must handshake with the new certificate; pooled
+        // tunnels are forgotten, not closed, so running streams continue.
+        Arc::new(move |_: &SpiffeId| pool.evict_all())
+    };
+    let svids = SvidStore::new(
+        identity_source(&config, &initial.node, &trust_domain)?,
+        on_rotate,
+    )?;
+    let (directory, directory_rx) =
+        watch::channel(Arc::new(Directory::build(&initial, &trust_domain)));
+    let mesh = Arc::new(Mesh {
+        bundles: svids.bundles(),
+        svids: Arc::new(svids),
+        trust_domain,
+        directory: directory_rx,
+        pool,
+    });
     let capture = Arc::new(Capture::start(&config.capture)?);
     let mut agent = Agent {
         config,
         capture,
+        mesh,
+        directory,
         pods: BTreeMap::new(),
     };
-    let initial = workloads.borrow_and_update().clone();
     agent.reconcile(&initial);
     agent.forget_stale_enrollments();
     tracing::info!(enrolled = agent.pods.len(), "agent ready");
@@ -84,6 +147,12 @@ pub async fn run(config: RunConfig) -> Result<()> {
 
 impl Agent {
     fn reconcile(&mut self, desired: &NodeWorkloads) {
+        self.directory.send_if_modified(|current| {
+            let next = Directory::build(desired, &self.mesh.trust_domain);
+            let changed = **current != next;
+            *current = Arc::new(next);
+            changed
+        });
         let wanted: BTreeMap<String, &Workload> = desired.enrolled().map(|w| (w.id(), w)).collect();
         let gone: Vec<String> = self
             .pods
@@ -112,32 +181,86 @@ impl Agent {
         }
     }
 
-    /// Opens the pod's listeners first and enrolls it last, so a captured
-    /// connection always finds a listener.
+    /// Opens the pod's listeners first, then steers inbound connections to
+    /// them, and enrolls outbound capture last, so a captured connection
+    /// always finds a listener. The pod's SVID is fetched in the background;
+    /// until it arrives its connections are refused, never sent in clear.
     fn capture_pod(&self, workload: &Workload) -> Result<CapturedPod> {
+        let spiffe_id = SpiffeId::kubernetes(
+            &self.mesh.trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        )
+        .context("the workload's namespace and service account do not form a SPIFFE ID")?;
         let netns = Arc::new(Netns::open(&workload.netns)?);
-        let ctx = Arc::new(OutboundContext {
+        let svid = self.mesh.svids.watch(&spiffe_id);
+        let mark = self.config.capture.socket_mark;
+        let connect_timeout = self.config.connect_timeout;
+        let listen = |addr: SocketAddr| -> Result<TcpListener> {
+            TcpListener::from_std(netns.listen(addr, mark)?).context("registering listener")
+        };
+        let any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+        let mut tasks = Vec::new();
+
+        let tunnel_ctx = Arc::new(TunnelContext {
+            workload: workload.id(),
+            ips: workload.ips.clone(),
+            svid: svid.clone(),
+            bundles: Arc::clone(&self.mesh.bundles),
+            netns: Arc::clone(&netns),
+            socket_mark: mark,
+            connect_timeout,
+        });
+        let tunnel_listener = listen(SocketAddr::new(any, TUNNEL_PORT))?;
+        tasks.push(tokio::spawn(inbound_tunnel::serve(
+            tunnel_listener,
+            tunnel_ctx,
+        )));
+
+        let plaintext_ctx = Arc::new(PlaintextContext {
             workload: workload.id(),
             netns: Arc::clone(&netns),
+            socket_mark: mark,
+            connect_timeout,
+            permissive: workload.permissive(),
+        });
+        let plaintext_listener = listen(SocketAddr::new(any, INBOUND_CAPTURE_PORT))?;
+        self.capture.capture_inbound(
+            &workload.netns,
+            netns.cookie(),
+            &workload.ips,
+            &plaintext_listener,
+        )?;
+        tasks.push(tokio::spawn(inbound_plain::serve(
+            plaintext_listener,
+            plaintext_ctx,
+        )));
+
+        let outbound_ctx = Arc::new(OutboundContext {
+            workload: workload.id(),
+            identity: spiffe_id,
+            svid,
+            netns: Arc::clone(&netns),
             capture: Arc::clone(&self.capture),
-            socket_mark: self.config.capture.socket_mark,
-            connect_timeout: self.config.connect_timeout,
+            mesh: Arc::clone(&self.mesh),
+            socket_mark: mark,
+            connect_timeout,
         });
         let port = self.config.capture.outbound_port;
-        let mut listeners = Vec::new();
         for ip in [
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(Ipv6Addr::LOCALHOST),
         ] {
-            let listener =
-                netns.listen(SocketAddr::new(ip, port), self.config.capture.socket_mark)?;
-            let listener = TcpListener::from_std(listener).context("registering listener")?;
-            listeners.push(tokio::spawn(outbound::serve(listener, Arc::clone(&ctx))));
+            let listener = listen(SocketAddr::new(ip, port))?;
+            tasks.push(tokio::spawn(outbound::serve(
+                listener,
+                Arc::clone(&outbound_ctx),
+            )));
         }
         let pod = CapturedPod {
             spec: workload.clone(),
             netns,
-            listeners,
+            tasks,
         };
         self.capture.enroll(pod.netns.cookie())?;
         Ok(pod)
@@ -146,10 +269,14 @@ impl Agent {
     /// Unenrolls first, then closes the listeners; established connections
     /// run to completion.
     fn release(&self, id: &str, pod: CapturedPod) {
-        if let Err(e) = self.capture.unenroll(pod.netns.cookie()) {
+        let cookie = pod.netns.cookie();
+        if let Err(e) = self.capture.unenroll(cookie) {
             tracing::error!(workload = %id, error = %format!("{e:#}"), "cannot unenroll workload");
         }
-        tracing::info!(workload = %id, netns_cookie = pod.netns.cookie(), "workload unenrolled");
+        if let Err(e) = self.capture.release_inbound(cookie, &pod.spec.ips) {
+            tracing::error!(workload = %id, error = %format!("{e:#}"), "cannot release inbound capture");
+        }
+        tracing::info!(workload = %id, netns_cookie = cookie, "workload unenrolled");
     }
 
     /// Namespaces a previous agent enrolled that are no longer wanted.
@@ -161,6 +288,12 @@ impl Agent {
                 let _ = self.capture.unenroll(cookie);
             }
         }
+        let live_ips: Vec<IpAddr> = self
+            .pods
+            .values()
+            .flat_map(|p| p.spec.ips.iter().copied())
+            .collect();
+        self.capture.forget_stale_inbound(&live, &live_ips);
     }
 
     fn shutdown(mut self) -> Result<()> {

@@ -1,6 +1,6 @@
 //! Settings of a running agent, from the command line.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use ambit_common::{DEFAULT_SOCKET_MARK, OUTBOUND_PORT};
 
@@ -29,9 +29,24 @@ impl Default for CaptureConfig {
     }
 }
 
+/// Where the agent's workload SVIDs come from.
+#[derive(Clone, Debug)]
+pub enum IdentityConfig {
+    /// A CA inside the agent (one-node local mode).
+    Embedded { svid_ttl: Option<Duration> },
+    /// `ambit ca` at `addr`; the node credential and the bundle are read
+    /// from `bootstrap_dir` (as `ambit ca --bootstrap-dir` writes them).
+    Remote {
+        addr: SocketAddr,
+        bootstrap_dir: PathBuf,
+    },
+}
+
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub capture: CaptureConfig,
+    pub trust_domain: String,
+    pub identity: IdentityConfig,
     pub workloads_file: PathBuf,
     /// How often the workloads file is re-read.
     pub reload_interval: Duration,

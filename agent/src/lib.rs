@@ -7,6 +7,7 @@ pub mod ca_service;
 pub mod capture;
 pub mod config;
 pub mod identity;
+pub mod mesh;
 pub mod netns;
 pub mod preflight;
 pub mod proxy;

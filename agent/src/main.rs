@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use ambit::{
-    config::{CaptureConfig, RunConfig},
+    config::{CaptureConfig, IdentityConfig, RunConfig},
     telemetry::{self, LogFormat},
 };
 use clap::{Args, Parser, Subcommand};
@@ -65,6 +65,19 @@ struct RunArgs {
     /// it, enrolled pods fail closed until the next agent starts.
     #[arg(long)]
     cleanup_on_exit: bool,
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Address of `ambit ca`. Without it the agent runs its own CA (local
+    /// mode, one node).
+    #[arg(long, requires = "ca_bootstrap_dir")]
+    ca_addr: Option<std::net::SocketAddr>,
+    /// Directory `ambit ca` wrote bundle.pem and nodes/NODE/ into.
+    #[arg(long)]
+    ca_bootstrap_dir: Option<PathBuf>,
+    /// SVID lifetime of the embedded CA, in seconds (60 to 86400).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(60..=86400))]
+    svid_ttl_secs: Option<u64>,
 }
 
 #[derive(Args)]
@@ -122,6 +135,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             bpf_pin_dir: args.bpf_pin_dir,
             socket_mark: args.socket_mark,
             outbound_port: args.outbound_port,
+        },
+        trust_domain: args.trust_domain,
+        identity: match (args.ca_addr, args.ca_bootstrap_dir) {
+            (Some(addr), Some(bootstrap_dir)) => IdentityConfig::Remote {
+                addr,
+                bootstrap_dir,
+            },
+            _ => IdentityConfig::Embedded {
+                svid_ttl: args.svid_ttl_secs.map(Duration::from_secs),
+            },
         },
         workloads_file: args.workloads,
         reload_interval: Duration::from_millis(args.reload_interval_ms),

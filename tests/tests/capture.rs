@@ -1,5 +1,6 @@
-//! End-to-end: transparent outbound capture on one simulated node, with the
-//! real agent, real eBPF programs and unmodified clients.
+//! End-to-end on one simulated node, with the real agent, real eBPF
+//! programs and unmodified clients: outbound capture, the tunnel between
+//! two pods of the node, and strict inbound capture.
 
 use std::time::Duration;
 
@@ -9,14 +10,26 @@ use anyhow::Result;
 const HTTP: u16 = 8080;
 const ECHO: u16 = 9000;
 const BODY: &str = "served-by-pod-b-7f3a\n";
+const OUTSIDE_BODY: &str = "served-outside-the-mesh-21c9\n";
 
-/// Pod a (enrolled client), pod b (enrolled server), pod c (opted out).
+/// Pod a (enrolled client), pod b (enrolled server, strict), pod c (opted
+/// out client), pod s (opted out server, outside the mesh).
 struct Scene {
     tb: Testbed,
     a: Pod,
     b: Pod,
     c: Pod,
+    s: Pod,
     agent: Agent,
+}
+
+fn entries(a: &Pod, b: &Pod, c: &Pod, s: &Pod) -> Vec<WorkloadEntry> {
+    vec![
+        WorkloadEntry::enrolled(a),
+        WorkloadEntry::enrolled(b),
+        WorkloadEntry::opted_out(c),
+        WorkloadEntry::opted_out(s),
+    ]
 }
 
 fn scene() -> Result<Scene> {
@@ -24,17 +37,19 @@ fn scene() -> Result<Scene> {
     let a = tb.add_pod(0, "a")?;
     let b = tb.add_pod(0, "b")?;
     let c = tb.add_pod(0, "c")?;
+    let s = tb.add_pod(0, "s")?;
     tb.http_server(&b, "http-b", HTTP, BODY)?;
     tb.echo_server(&b, "echo-b", ECHO)?;
-    let agent = tb.start_agent(
-        0,
-        &[
-            WorkloadEntry::enrolled(&a),
-            WorkloadEntry::enrolled(&b),
-            WorkloadEntry::opted_out(&c),
-        ],
-    )?;
-    Ok(Scene { tb, a, b, c, agent })
+    tb.http_server(&s, "http-s", HTTP, OUTSIDE_BODY)?;
+    let agent = tb.start_agent(0, &entries(&a, &b, &c, &s))?;
+    Ok(Scene {
+        tb,
+        a,
+        b,
+        c,
+        s,
+        agent,
+    })
 }
 
 fn secs(n: u64) -> Duration {
@@ -96,25 +111,42 @@ fn curl_and_socat_reach_the_server_through_the_agent_on_ipv4_and_ipv6() -> Resul
         "original destinations recorded by the agent"
     );
     assert!(captured.iter().all(|r| r["workload"] == "default/a"));
-    // The server saw pod a's own address: the agent dialled from a's netns.
-    let access_log = s.tb.stderr_of("http-b");
-    assert!(access_log.contains(&s.a.ipv4.to_string()), "{access_log}");
-    assert!(access_log.contains(&s.a.ipv6.to_string()), "{access_log}");
+    // Every connection crossed the tunnel, and b's side learnt a's identity
+    // from its certificate.
+    let closed = s
+        .agent
+        .wait_for_records("outbound connection closed", 5, secs(10))?;
+    assert!(closed.iter().all(|r| r["mode"] == "hbone"), "{closed:?}");
+    let inbound = s
+        .agent
+        .wait_for_records("inbound connection accepted", 5, secs(10))?;
+    assert!(
+        inbound.iter().all(
+            |r| r["peer_spiffe_id"] == "spiffe://cluster.local/ns/default/sa/a"
+                && r["workload"] == "default/b"
+        ),
+        "{inbound:?}"
+    );
     Ok(())
 }
 
 #[test]
 fn pods_that_are_not_enrolled_and_the_node_itself_are_not_captured() -> Result<()> {
     let s = scene()?;
-    let url = format!("http://{}:{HTTP}/index.txt", s.b.ipv4);
+    let url = format!("http://{}:{HTTP}/index.txt", s.s.ipv4);
     let node = s.tb.node(0).clone();
     for (who, host) in [("pod c", &s.c as &dyn ambit_testbed::Host), ("node", &node)] {
         let (code, body) = s.tb.curl(host, &url)?;
-        assert_eq!((code, body.as_str()), (0, BODY), "curl from {who}");
+        assert_eq!((code, body.as_str()), (0, OUTSIDE_BODY), "curl from {who}");
     }
     // A captured connection afterwards: once its record is there, any record
-    // for the two connections above would be too.
-    assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
+    // for the two connections above would be too. Its destination is outside
+    // the mesh, so it is passed through in plain TCP.
+    assert_eq!(s.tb.curl(&s.a, &url)?, (0, OUTSIDE_BODY.to_string()));
+    let closed = s
+        .agent
+        .wait_for_records("outbound connection closed", 1, secs(10))?;
+    assert_eq!(closed[0]["mode"], "passthrough");
     let captured = s
         .agent
         .wait_for_records("outbound connection captured", 1, secs(10))?;
@@ -247,16 +279,26 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_takes_over() -> Result<()> {
         1,
         "a request reached the server while the agent was dead"
     );
+    // Plaintext into the strict pod stays refused while the agent is down.
+    assert_ne!(s.tb.curl(&s.c, &url)?.0, 0);
+    assert_eq!(
+        served(),
+        1,
+        "plaintext reached the server while the agent was dead"
+    );
     // Pods that were never enrolled are unaffected.
-    assert_eq!(s.tb.curl(&s.c, &url)?, (0, BODY.to_string()));
+    let outside = format!("http://{}:{HTTP}/index.txt", s.s.ipv4);
+    assert_eq!(s.tb.curl(&s.c, &outside)?, (0, OUTSIDE_BODY.to_string()));
 
+    // The new agent takes over the pinned links: three cgroup programs and
+    // one inbound program per enrolled pod.
     let restarted = s.tb.start_agent_with(0, &[])?;
     assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
     assert_eq!(
         restarted
             .records("replaced the link of a previous agent")
             .len(),
-        3
+        5
     );
     assert_eq!(restarted.records("outbound connection captured").len(), 1);
     Ok(())
@@ -265,17 +307,13 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_takes_over() -> Result<()> {
 #[test]
 fn unenrolling_a_workload_removes_its_listeners_and_map_entry() -> Result<()> {
     let s = scene()?;
-    let url = format!("http://{}:{HTTP}/index.txt", s.b.ipv4);
-    assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
+    let url = format!("http://{}:{HTTP}/index.txt", s.s.ipv4);
+    assert_eq!(s.tb.curl(&s.a, &url)?, (0, OUTSIDE_BODY.to_string()));
     assert_eq!(map_entries(&s.agent, "AMBIT_ENROLLED")?, 2);
 
-    s.tb.write_workloads(
-        0,
-        &[
-            WorkloadEntry::opted_out(&s.a),
-            WorkloadEntry::enrolled(&s.b),
-        ],
-    )?;
+    let mut without_a = entries(&s.a, &s.b, &s.c, &s.s);
+    without_a[0].enrolled = false;
+    s.tb.write_workloads(0, &without_a)?;
     let unenrolled = s
         .agent
         .wait_for_records("workload unenrolled", 1, secs(10))?;
@@ -285,18 +323,15 @@ fn unenrolling_a_workload_removes_its_listeners_and_map_entry() -> Result<()> {
         let out = s.tb.run(&s.a, &["ss", "-Hltn", "sport = :15001"])?;
         Ok(out.stdout.is_empty())
     })?;
-    // a now talks to b directly, outside the mesh.
-    assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
+    // a now talks to s directly, outside the mesh.
+    assert_eq!(s.tb.curl(&s.a, &url)?, (0, OUTSIDE_BODY.to_string()));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.agent.records("outbound connection captured").len(), 1);
 
     // Enrolling it again brings capture back.
-    s.tb.write_workloads(
-        0,
-        &[WorkloadEntry::enrolled(&s.a), WorkloadEntry::enrolled(&s.b)],
-    )?;
+    s.tb.write_workloads(0, &entries(&s.a, &s.b, &s.c, &s.s))?;
     s.agent.wait_for_records("workload enrolled", 3, secs(10))?;
-    assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
+    assert_eq!(s.tb.curl(&s.a, &url)?, (0, OUTSIDE_BODY.to_string()));
     s.agent
         .wait_for_records("outbound connection captured", 2, secs(10))?;
     Ok(())
@@ -327,5 +362,50 @@ fn kernel_side_records_reach_the_agent_log_when_asked_for() -> Result<()> {
         }))
     });
     assert!(kernel.is_ok(), "no kernel record in:\n{}", agent.raw_log());
+    Ok(())
+}
+
+#[test]
+fn plaintext_into_a_strict_pod_is_refused_and_a_permissive_pod_lets_it_in() -> Result<()> {
+    let s = scene()?;
+    let url = format!("http://{}:{HTTP}/index.txt", s.b.ipv4);
+    let url6 = format!("http://[{}]:{HTTP}/index.txt", s.b.ipv6);
+    let served = || s.tb.stderr_of("http-b").matches("GET /index.txt").count();
+    let node = s.tb.node(0).clone();
+    for (who, host, url) in [
+        ("pod c", &s.c as &dyn ambit_testbed::Host, &url),
+        ("pod c over IPv6", &s.c, &url6),
+        ("the node", &node, &url),
+    ] {
+        let (code, _) = s.tb.curl(host, url)?;
+        // The agent accepts and resets: curl sees the reset during connect
+        // (7) or on its first read (56), whichever comes first.
+        assert!(
+            code == 7 || code == 56,
+            "plaintext from {who} must be reset, curl exited {code}"
+        );
+    }
+    assert_eq!(served(), 0, "plaintext reached the application");
+    let denied = s
+        .agent
+        .wait_for_records("inbound plaintext denied", 3, secs(10))?;
+    assert_eq!(denied[0]["workload"], "default/b");
+    let src = denied[0]["src"].as_str().unwrap_or_default();
+    assert!(src.starts_with(&format!("{}:", s.c.ipv4)), "{src}");
+    assert_eq!(denied[0]["dst"], format!("{}:{HTTP}", s.b.ipv4));
+    // The same request through the mesh works.
+    assert_eq!(s.tb.curl(&s.a, &url)?, (0, BODY.to_string()));
+    assert_eq!(served(), 1);
+
+    // Permissive mode lets the plaintext in, and says so.
+    let mut permissive = entries(&s.a, &s.b, &s.c, &s.s);
+    permissive[1].permissive = true;
+    s.tb.write_workloads(0, &permissive)?;
+    s.agent.wait_for_records("workload enrolled", 3, secs(10))?;
+    assert_eq!(s.tb.curl(&s.c, &url)?, (0, BODY.to_string()));
+    let allowed =
+        s.agent
+            .wait_for_records("inbound plaintext allowed (permissive)", 1, secs(10))?;
+    assert_eq!(allowed[0]["dst"], format!("{}:{HTTP}", s.b.ipv4));
     Ok(())
 }

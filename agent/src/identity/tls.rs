@@ -25,8 +25,8 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 }
 
 /// Server side of a tunnel (the inbound 15008 listener): presents `svid`
-/// and requires a client SVID that verifies against `bundles`. Set ALPN on
-/// the result as the tunnel protocol needs.
+/// and requires a client SVID that verifies against `bundles`. ALPN is h2
+/// (HBONE).
 pub fn server_config(
     svid: &Svid,
     bundles: Arc<TrustBundles>,
@@ -40,6 +40,7 @@ pub fn server_config(
         )?;
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
+    config.alpn_protocols = vec![crate::tunnel::ALPN.to_vec()];
     Ok(config)
 }
 
@@ -59,5 +60,6 @@ pub fn client_config(
             svid.key().private_key_der().clone_key(),
         )?;
     config.resumption = Resumption::disabled();
+    config.alpn_protocols = vec![crate::tunnel::ALPN.to_vec()];
     Ok(config)
 }

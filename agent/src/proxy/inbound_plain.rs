@@ -6,7 +6,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::relay::relay;
+use super::{
+    dial::{dial, unmapped},
+    relay::relay,
+};
 use crate::netns::Netns;
 
 pub struct PlaintextContext {
@@ -31,17 +34,6 @@ pub async fn serve(listener: TcpListener, ctx: Arc<PlaintextContext>) {
     }
 }
 
-/// An IPv4 peer of a dual-stack socket shows as `::ffff:a.b.c.d`.
-fn unmapped(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
-}
-
 async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PlaintextContext>) {
     let peer = unmapped(peer);
     // sk_lookup does not rewrite addresses: the local end is what the peer dialled.
@@ -60,16 +52,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PlaintextContext>)
     tracing::info!(workload = %ctx.workload, src = %peer, dst = %dst,
         "inbound plaintext allowed (permissive)");
     let mut downstream = stream;
-    let connect = ctx.netns.connect(dst, ctx.socket_mark);
-    let mut upstream = match tokio::time::timeout(ctx.connect_timeout, connect).await {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => {
-            tracing::info!(workload = %ctx.workload, %dst, error = %format!("{e:#}"),
+    let mut upstream = match dial(&ctx.netns, dst, ctx.socket_mark, ctx.connect_timeout).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::info!(workload = %ctx.workload, %dst, error = %e,
                 "inbound plaintext failed: application unreachable");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(workload = %ctx.workload, %dst, "inbound plaintext failed: connect timed out");
             return;
         }
     };

@@ -1,18 +1,36 @@
 //! The outbound side: connections an enrolled pod's application opened,
 //! redirected by connect4/6 to the agent's listener inside the pod.
+//!
+//! A destination that is a mesh workload is reached through an mTLS HBONE
+//! tunnel to its 15008 port, presenting the source pod's SVID and accepting
+//! only the SPIFFE ID expected there. Anything else is passed through.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use ambit_common::TUNNEL_PORT;
+use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
 
-use super::relay::relay;
-use crate::{capture::Capture, netns::Netns};
+use super::{dial::dial, relay::relay};
+use crate::{
+    capture::Capture,
+    identity::{SpiffeId, client_config},
+    mesh::{Mesh, TunnelKey},
+    netns::Netns,
+    svids::{SvidWatch, hex},
+    tunnel::{HboneClient, TunnelError},
+    workloads::directory::Destination,
+};
 
 /// What an outbound listener needs to serve one pod.
 pub struct OutboundContext {
     pub workload: String,
+    pub identity: SpiffeId,
+    pub svid: SvidWatch,
     pub netns: Arc<Netns>,
     pub capture: Arc<Capture>,
+    pub mesh: Arc<Mesh>,
     pub socket_mark: u32,
     pub connect_timeout: Duration,
 }
@@ -34,7 +52,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
     }
 }
 
-async fn handle(mut downstream: TcpStream, client: SocketAddr, ctx: Arc<OutboundContext>) {
+async fn handle(downstream: TcpStream, client: SocketAddr, ctx: Arc<OutboundContext>) {
     let Some(orig_dst) = ctx.capture.take_original_dst(ctx.netns.cookie(), client) else {
         // Someone dialled the listener directly, or the entry was evicted:
         // without a destination there is nothing safe to do but close.
@@ -44,29 +62,120 @@ async fn handle(mut downstream: TcpStream, client: SocketAddr, ctx: Arc<Outbound
     };
     tracing::info!(workload = %ctx.workload, %client, %orig_dst, "outbound connection captured");
     let _ = downstream.set_nodelay(true);
-    let connect = ctx.netns.connect(orig_dst, ctx.socket_mark);
-    let mut upstream = match tokio::time::timeout(ctx.connect_timeout, connect).await {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => {
-            tracing::info!(workload = %ctx.workload, %orig_dst, error = %format!("{e:#}"),
+    let destination = ctx.mesh.directory.borrow().lookup(orig_dst.ip());
+    match destination {
+        Some(destination) => via_tunnel(downstream, orig_dst, destination, &ctx).await,
+        None => passthrough(downstream, orig_dst, &ctx).await,
+    }
+}
+
+/// A destination outside the mesh: plain TCP from the pod's netns.
+async fn passthrough(mut downstream: TcpStream, orig_dst: SocketAddr, ctx: &OutboundContext) {
+    let mut upstream = match dial(&ctx.netns, orig_dst, ctx.socket_mark, ctx.connect_timeout).await
+    {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::info!(workload = %ctx.workload, %orig_dst, error = %e,
                 "outbound connection failed: upstream unreachable");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(workload = %ctx.workload, %orig_dst,
-                "outbound connection failed: upstream connect timed out");
             return;
         }
     };
     let (stats, result) = relay(&mut downstream, &mut upstream).await;
     tracing::info!(
         workload = %ctx.workload,
-        %client,
         %orig_dst,
+        mode = "passthrough",
         bytes_sent = stats.sent,
         bytes_received = stats.received,
         duration_ms = stats.duration.as_millis() as u64,
         error = result.err().map(|e| e.to_string()),
         "outbound connection closed"
     );
+}
+
+async fn via_tunnel(
+    mut downstream: TcpStream,
+    orig_dst: SocketAddr,
+    destination: Arc<Destination>,
+    ctx: &OutboundContext,
+) {
+    let client = match tunnel_to(orig_dst, &destination, ctx).await {
+        Ok(client) => client,
+        Err(reason) => {
+            tracing::info!(workload = %ctx.workload, %orig_dst,
+                peer_spiffe_id = %destination.spiffe_id, reason = %reason,
+                "outbound connection failed: no tunnel");
+            return;
+        }
+    };
+    let mut stream = match client.connect(orig_dst).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::info!(workload = %ctx.workload, %orig_dst,
+                peer_spiffe_id = %destination.spiffe_id, error = %e,
+                "outbound connection failed: refused by the peer");
+            return;
+        }
+    };
+    let (stats, result) = relay(&mut downstream, &mut stream).await;
+    tracing::info!(
+        workload = %ctx.workload,
+        %orig_dst,
+        mode = "hbone",
+        peer_spiffe_id = %destination.spiffe_id,
+        bytes_sent = stats.sent,
+        bytes_received = stats.received,
+        duration_ms = stats.duration.as_millis() as u64,
+        error = result.err().map(|e| e.to_string()),
+        "outbound connection closed"
+    );
+}
+
+/// A pooled tunnel from this pod's identity to the destination's agent,
+/// opened (from the pod's netns) if there is none.
+async fn tunnel_to(
+    orig_dst: SocketAddr,
+    destination: &Destination,
+    ctx: &OutboundContext,
+) -> Result<HboneClient, String> {
+    // Fail closed: no identity yet, no tunnel, and never plaintext instead.
+    let svid = ctx
+        .svid
+        .borrow()
+        .clone()
+        .ok_or("this workload's SVID is not available yet")?;
+    let peer_addr = SocketAddr::new(orig_dst.ip(), TUNNEL_PORT);
+    let key = TunnelKey {
+        source: ctx.identity.clone(),
+        peer_addr,
+        peer: destination.spiffe_id.clone(),
+    };
+    let config = client_config(
+        &svid,
+        Arc::clone(&ctx.mesh.bundles),
+        vec![destination.spiffe_id.clone()],
+    )
+    .map_err(|e| format!("building the TLS client configuration: {e}"))?;
+    let (netns, mark, timeout) = (Arc::clone(&ctx.netns), ctx.socket_mark, ctx.connect_timeout);
+    let (workload, peer) = (ctx.workload.clone(), destination.spiffe_id.clone());
+    let connect = move || async move {
+        let tcp = dial(&netns, peer_addr, mark, timeout).await?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(
+            timeout,
+            TlsConnector::from(Arc::new(config)).connect(ServerName::from(peer_addr.ip()), tcp),
+        )
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+        })??;
+        tracing::info!(workload = %workload, %peer_addr, peer_spiffe_id = %peer,
+            local_serial = %hex(svid.serial()), "tunnel established");
+        HboneClient::handshake(tls).await
+    };
+    ctx.mesh
+        .pool
+        .get_or_connect(key, connect)
+        .await
+        .map_err(|e: TunnelError| e.to_string())
 }

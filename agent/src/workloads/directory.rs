@@ -14,7 +14,7 @@ pub struct Destination {
     pub node: Option<String>,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Directory {
     by_ip: HashMap<IpAddr, Arc<Destination>>,
 }

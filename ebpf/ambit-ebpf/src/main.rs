@@ -323,7 +323,13 @@ pub fn ambit_inbound(ctx: SkLookupContext) -> u32 {
         Ok(()) => SK_PASS,
         // The pod is captured but its listener is gone (agent down): fail
         // closed rather than let plaintext reach the application.
-        Err(_) => SK_DROP,
+        Err(err) => {
+            debug!(
+                &ctx,
+                "inbound capture: no listener for port {} ({})", port, err
+            );
+            SK_DROP
+        }
     }
 }
 
