@@ -19,6 +19,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "/usr/bin/iperf3"),
     ("python3", "/usr/bin/python3"),
     ("util-linux", "/usr/bin/setpriv"),
+    ("sslscan", "/usr/bin/sslscan"),
 ];
 
 pub fn run() -> Result<()> {
