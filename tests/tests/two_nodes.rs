@@ -359,3 +359,110 @@ fn the_tunnel_port_wants_tls13_a_client_certificate_of_the_trust_domain_and_no_r
     assert!(line13.contains("enabled"), "TLS 1.3 not enabled:\n{scan}");
     Ok(())
 }
+
+/// Streams for `seconds` at a steady pace through an echo server and checks
+/// that every byte came back in order; prints `sent received ok`.
+const STREAM_CHECK: &str = r#"
+import hashlib, socket, sys, threading, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.create_connection((host, port), timeout=30)
+sent, received = hashlib.sha256(), hashlib.sha256()
+counts = {"sent": 0, "received": 0}
+def reader():
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return
+        received.update(data)
+        counts["received"] += len(data)
+t = threading.Thread(target=reader)
+t.start()
+block, i, end = 8192, 0, time.time() + seconds
+while time.time() < end:
+    chunk = hashlib.sha256(str(i).encode()).digest() * (block // 32)
+    s.sendall(chunk)
+    sent.update(chunk)
+    counts["sent"] += len(chunk)
+    i += 1
+    time.sleep(0.02)
+s.shutdown(socket.SHUT_WR)
+t.join(60)
+print(counts["sent"], counts["received"], sent.digest() == received.digest())
+"#;
+
+#[test]
+fn svid_rotation_under_load_loses_no_connection_and_no_byte() -> Result<()> {
+    const TTL: u64 = 60;
+    const TRANSFER: u64 = 180;
+    let m = mesh2(TTL)?;
+    let script = m.tb.dir.path().join("stream_check.py");
+    std::fs::write(&script, STREAM_CHECK)?;
+    let url = format!("http://{}:{HTTP}/index.txt", m.b.ipv4);
+    let (transfer, curls) = std::thread::scope(|scope| {
+        let transfer = scope.spawn(|| {
+            m.tb.run_within(
+                &m.a,
+                &[
+                    "python3",
+                    script.to_str().unwrap(),
+                    &m.b.ipv4.to_string(),
+                    &ECHO.to_string(),
+                    &TRANSFER.to_string(),
+                ],
+                secs(TRANSFER + 120),
+            )
+        });
+        // New connections while the transfer runs, across several rotations.
+        let mut curls = Vec::new();
+        for _ in 0..(TRANSFER / 15) {
+            std::thread::sleep(secs(15));
+            curls.push(m.tb.curl(&m.a, &url));
+        }
+        (transfer.join(), curls)
+    });
+    let transfer = transfer.expect("transfer thread")?;
+    let report = String::from_utf8_lossy(&transfer.stdout);
+    let fields: Vec<&str> = report.split_whitespace().collect();
+    ensure!(transfer.status.success(), "transfer: {}", stderr(&transfer));
+    let (sent, received) = (fields[0].parse::<u64>()?, fields[1].parse::<u64>()?);
+    assert!(sent > 10_000_000, "only {sent} bytes sent");
+    assert_eq!((received, fields[2]), (sent, "True"), "echoed bytes differ");
+    for curl in curls {
+        assert_eq!(curl?, (0, BODY.to_string()));
+    }
+
+    // The client's SVID was renewed several times during the transfer ...
+    let rotations = m
+        .agent0
+        .records("svid rotated")
+        .into_iter()
+        .filter(|r| r["spiffe_id"] == format!("{TD}/ns/default/sa/frontend"))
+        .count();
+    assert!(
+        rotations >= 4,
+        "{rotations} rotations in {TRANSFER}s with a {TTL}s TTL"
+    );
+    // ... and new connections presented the new certificates.
+    let serials: std::collections::HashSet<String> = m
+        .agent1
+        .records("inbound connection accepted")
+        .iter()
+        .filter_map(|r| r["peer_cert_serial"].as_str().map(String::from))
+        .collect();
+    assert!(
+        serials.len() >= 4,
+        "new connections used {} certificates",
+        serials.len()
+    );
+    // The long stream's record closes with every byte accounted for.
+    let closed = m
+        .agent1
+        .wait_for_records("inbound connection closed", 1, secs(10))?;
+    assert!(
+        closed
+            .iter()
+            .any(|r| r["bytes_sent"] == sent && r["bytes_received"] == sent),
+        "{closed:?}"
+    );
+    Ok(())
+}
