@@ -370,6 +370,39 @@ impl Testbed {
     }
 }
 
+impl Testbed {
+    /// A self-signed certificate and key (PEM files in the testbed's
+    /// directory) carrying `uri` as its only URI SAN: a well-formed SVID
+    /// from a CA nobody in the mesh trusts.
+    pub fn foreign_certificate(&self, name: &str, uri: &str) -> Result<(PathBuf, PathBuf)> {
+        let cert = self.dir.path().join(format!("{name}.pem"));
+        let key = self.dir.path().join(format!("{name}-key.pem"));
+        host_cmd(
+            "openssl",
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                key.to_str().unwrap(),
+                "-out",
+                cert.to_str().unwrap(),
+                "-days",
+                "1",
+                "-subj",
+                "/O=foreign",
+                "-addext",
+                &format!("subjectAltName=URI:{uri}"),
+            ],
+        )?;
+        Ok((cert, key))
+    }
+}
+
 /// `ip -n NETNS -batch -` with one command a line.
 fn ip_batch(netns: &str, lines: &[&str]) -> Result<()> {
     use std::io::Write as _;

@@ -273,31 +273,8 @@ fn the_tunnel_port_wants_tls13_a_client_certificate_of_the_trust_domain_and_no_r
 
     // A certificate of another trust domain (self-signed, valid SPIFFE form).
     let dir = m.tb.dir.path();
-    let (key, cert) = (dir.join("evil-key.pem"), dir.join("evil.pem"));
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .args([
-            "-days",
-            "1",
-            "-subj",
-            "/O=evil",
-            "-addext",
-            "subjectAltName=URI:spiffe://evil.local/ns/default/sa/frontend",
-        ])
-        .output()?;
-    ensure!(out.status.success(), "openssl req: {}", stderr(&out));
+    let (cert, key) =
+        m.tb.foreign_certificate("evil", "spiffe://evil.local/ns/default/sa/frontend")?;
     s_client(
         &m,
         &format!("-tls1_3 -cert {} -key {}", cert.display(), key.display()),

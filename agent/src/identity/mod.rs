@@ -21,6 +21,6 @@ pub use spiffe_id::{
 };
 pub use tls::{client_config, crypto_provider, server_config};
 pub use verifier::{
-    PeerRole, SpiffeClientVerifier, SpiffeServerVerifier, SvidError, TrustBundles, peer_spiffe_id,
-    verify_svid,
+    PeerRole, SpiffeClientVerifier, SpiffeServerVerifier, SvidError, TrustBundles,
+    handshake_failure_reason, peer_spiffe_id, svid_error_of, verify_svid,
 };

@@ -558,14 +558,8 @@ fn tls_error(e: &io::Error) -> Option<&rustls::Error> {
     e.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
-/// The verifier's typed reason inside a failed handshake's error.
 fn svid_error(e: &io::Error) -> Option<&SvidError> {
-    match tls_error(e)? {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
-            other.0.downcast_ref::<SvidError>()
-        }
-        _ => None,
-    }
+    super::svid_error_of(e)
 }
 
 /// Runs one handshake plus a byte each way; the server reports the client's

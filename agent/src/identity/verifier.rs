@@ -434,3 +434,23 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         ALGORITHMS.supported_schemes()
     }
 }
+
+/// The verifier's typed reason inside a failed TLS handshake's I/O error
+/// (tokio-rustls wraps the rustls error, which wraps ours).
+pub fn svid_error_of(e: &std::io::Error) -> Option<&SvidError> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            other.0.downcast_ref::<SvidError>()
+        }
+        _ => None,
+    }
+}
+
+/// Why a TLS handshake failed, in words: the SPIFFE verifier's reason when
+/// it rejected the peer, otherwise the I/O error.
+pub fn handshake_failure_reason(e: &std::io::Error) -> String {
+    match svid_error_of(e) {
+        Some(svid) => svid.to_string(),
+        None => e.to_string(),
+    }
+}

@@ -19,7 +19,7 @@ use super::{
     relay::relay,
 };
 use crate::{
-    identity::{SpiffeId, TrustBundles, peer_spiffe_id, server_config},
+    identity::{SpiffeId, TrustBundles, handshake_failure_reason, peer_spiffe_id, server_config},
     netns::Netns,
     svids::{SvidWatch, hex},
     tunnel::{self, InboundRequest},
@@ -77,7 +77,8 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::info!(workload = %ctx.workload, src = %addr, reason = %e, "tls handshake failed");
+            tracing::info!(workload = %ctx.workload, src = %addr,
+                reason = %handshake_failure_reason(&e), "tls handshake failed");
             return;
         }
         Err(_) => {
@@ -118,18 +119,18 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
 }
 
 async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<TunnelContext>) {
-    let target = unmapped(request.target);
+    let dst = unmapped(request.target);
     // A tunnel to this pod reaches this pod only: never an open relay.
-    if !ctx.ips.contains(&target.ip()) {
-        tracing::info!(workload = %ctx.workload, peer_spiffe_id = %peer.spiffe_id, %target,
+    if !ctx.ips.contains(&dst.ip()) {
+        tracing::info!(workload = %ctx.workload, peer_spiffe_id = %peer.spiffe_id, %dst,
             reason = "target is not an address of this workload", "inbound connection denied");
         request.reject(StatusCode::BAD_REQUEST);
         return;
     }
-    let mut upstream = match dial(&ctx.netns, target, ctx.socket_mark, ctx.connect_timeout).await {
+    let mut upstream = match dial(&ctx.netns, dst, ctx.socket_mark, ctx.connect_timeout).await {
         Ok(upstream) => upstream,
         Err(e) => {
-            tracing::info!(workload = %ctx.workload, %target, error = %e,
+            tracing::info!(workload = %ctx.workload, %dst, error = %e,
                 "inbound connection failed: application unreachable");
             request.reject(StatusCode::SERVICE_UNAVAILABLE);
             return;
@@ -138,17 +139,17 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
     let mut stream = match request.accept() {
         Ok(stream) => stream,
         Err(e) => {
-            tracing::info!(workload = %ctx.workload, %target, error = %e, "inbound connection failed");
+            tracing::info!(workload = %ctx.workload, %dst, error = %e, "inbound connection failed");
             return;
         }
     };
     tracing::info!(workload = %ctx.workload, src = %peer.addr, peer_spiffe_id = %peer.spiffe_id,
-        peer_cert_serial = %peer.serial, %target, "inbound connection accepted");
+        peer_cert_serial = %peer.serial, %dst, "inbound connection accepted");
     let (stats, result) = relay(&mut stream, &mut upstream).await;
     tracing::info!(
         workload = %ctx.workload,
         peer_spiffe_id = %peer.spiffe_id,
-        %target,
+        %dst,
         bytes_sent = stats.sent,
         bytes_received = stats.received,
         duration_ms = stats.duration.as_millis() as u64,

@@ -15,7 +15,7 @@ use tokio_rustls::TlsConnector;
 use super::{dial::dial, relay::relay};
 use crate::{
     capture::Capture,
-    identity::{SpiffeId, client_config},
+    identity::{SpiffeId, client_config, handshake_failure_reason},
     mesh::{Mesh, TunnelKey},
     netns::Netns,
     svids::{SvidWatch, hex},
@@ -166,9 +166,8 @@ async fn tunnel_to(
             TlsConnector::from(Arc::new(config)).connect(ServerName::from(peer_addr.ip()), tcp),
         )
         .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-        })??;
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+        .map_err(|e| std::io::Error::new(e.kind(), handshake_failure_reason(&e)))?;
         tracing::info!(workload = %workload, %peer_addr, peer_spiffe_id = %peer,
             local_serial = %hex(svid.serial()), "tunnel established");
         HboneClient::handshake(tls).await

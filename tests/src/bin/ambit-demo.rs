@@ -1,82 +1,139 @@
-//! `cargo xtask demo`: one simulated node, two enrolled pods and one that is
-//! not, real unmodified clients, and the agent's own record of what it saw.
+//! `cargo xtask demo`: two simulated nodes, `ambit ca`, an agent per node,
+//! a client pod on node 0, a server pod on node 1 and an attacker pod that
+//! is not in the mesh; real unmodified clients, and each agent's own record
+//! of what it decided.
 
-use ambit_testbed::{Testbed, WorkloadEntry, agent::Agent};
+use std::time::Duration;
+
+use ambit_testbed::{Pod, Testbed, WorkloadEntry, agent::Agent};
 use anyhow::{Context, Result, ensure};
+use serde_json::Value;
 
 const PORT: u16 = 8080;
 
 fn main() -> Result<()> {
-    let mut tb = Testbed::new(1)?;
+    let mut tb = Testbed::new(2)?;
     let client = tb.add_pod(0, "client")?;
-    let server = tb.add_pod(0, "server")?;
-    let outsider = tb.add_pod(0, "outsider")?;
-    println!("== Ambit demo: one node, pods in network namespaces");
+    let attacker = tb.add_pod(0, "attacker")?;
+    let server = tb.add_pod(1, "server")?;
+    println!("== Ambit demo: two nodes joined by a veth link, pods in network namespaces");
     for pod in tb.pods() {
-        println!("   pod {:<9} {} / {}", pod.name, pod.ipv4, pod.ipv6);
-    }
-    tb.http_server(&server, "server-http", PORT, "hello from the server pod\n")?;
-    let agent = tb.start_agent(
-        0,
-        &[
-            WorkloadEntry::enrolled(&client),
-            WorkloadEntry::enrolled(&server),
-            WorkloadEntry::opted_out(&outsider),
-        ],
-    )?;
-    println!(
-        "== agent running (pid {}), client and server enrolled, outsider opted out",
-        agent.pid
-    );
-
-    for url in [
-        format!("http://{}:{PORT}/index.txt", server.ipv4),
-        format!("http://[{}]:{PORT}/index.txt", server.ipv6),
-    ] {
-        let (code, body) = tb.curl(&client, &url)?;
-        ensure!(
-            code == 0,
-            "curl from the client failed with exit code {code}"
-        );
         println!(
-            "\n$ curl {url}   # in pod client (enrolled)\n{}",
-            body.trim_end()
+            "   node{} pod {:<9} {} / {}",
+            pod.node, pod.name, pod.ipv4, pod.ipv6
         );
     }
-    let captured = agent.wait_for_records("outbound connection captured", 2, secs(10))?;
-    println!("\n== the agent captured both connections (its log):");
-    for record in &captured {
-        print_record(record);
-    }
+    tb.http_server(
+        &server,
+        "server-http",
+        PORT,
+        "hello from the server pod on node 1\n",
+    )?;
+    let entries = [
+        WorkloadEntry::enrolled(&client),
+        WorkloadEntry::opted_out(&attacker),
+        WorkloadEntry::enrolled(&server),
+    ];
+    let _ca = tb.start_ca(&entries, 3600)?;
+    let agent0 = tb.start_agent(0, &entries)?;
+    let agent1 = tb.start_agent(1, &entries)?;
+    println!("== ambit ca and one agent per node running; client and server enrolled");
 
     let url = format!("http://{}:{PORT}/index.txt", server.ipv4);
-    let (code, body) = tb.curl(&outsider, &url)?;
+    let (code, body) = tb.curl(&client, &url)?;
     ensure!(
         code == 0,
-        "curl from the outsider failed with exit code {code}"
+        "curl from the client failed with exit code {code}"
     );
     println!(
-        "\n$ curl {url}   # in pod outsider (not enrolled)\n{}",
+        "\n$ curl {url}   # in pod client (node 0)\n{}",
         body.trim_end()
     );
-    std::thread::sleep(secs(1));
-    let after = agent.records("outbound connection captured").len();
-    ensure!(
-        after == captured.len(),
-        "the outsider's connection was captured"
+    let tunnel = wait(&agent0, "tunnel established")?;
+    let inbound = wait(&agent1, "inbound connection accepted")?;
+    println!(
+        "   node 0 agent: tunnel to {} verified as {}",
+        tunnel["peer_addr"].as_str().unwrap_or_default(),
+        tunnel["peer_spiffe_id"].as_str().unwrap_or_default()
     );
-    println!("== not captured: the agent still has {after} capture records");
+    println!(
+        "   node 1 agent: accepted {} from {} (certificate serial {})",
+        inbound["dst"].as_str().unwrap_or_default(),
+        inbound["peer_spiffe_id"].as_str().unwrap_or_default(),
+        inbound["peer_cert_serial"].as_str().unwrap_or_default()
+    );
 
-    fail_closed(&tb, &agent, &client, &url)?;
+    let (code, _) = tb.curl(&attacker, &url)?;
+    println!("\n$ curl {url}   # in pod attacker (not in the mesh): exit {code}");
+    ensure!(code != 0, "the attacker's plaintext reached the server");
+    let denied = wait(&agent1, "inbound plaintext denied")?;
+    println!(
+        "   REFUSED by the node 1 agent: {}",
+        denied["reason"].as_str().unwrap_or_default()
+    );
+
+    s_client_demo(
+        &tb,
+        &attacker,
+        &server,
+        &agent1,
+        "",
+        "without a client certificate",
+        1,
+    )?;
+    let (cert, key) =
+        tb.foreign_certificate("foreign", "spiffe://evil.local/ns/default/sa/client")?;
+    let foreign = format!("-cert {} -key {}", cert.display(), key.display());
+    s_client_demo(
+        &tb,
+        &attacker,
+        &server,
+        &agent1,
+        &foreign,
+        "with a certificate of trust domain evil.local",
+        2,
+    )?;
+
+    fail_closed(&tb, &agent0, &client, &url)?;
     println!("\n== demo done; tearing down namespaces, cgroups and pins");
     Ok(())
 }
 
-fn fail_closed(tb: &Testbed, agent: &Agent, client: &ambit_testbed::Pod, url: &str) -> Result<()> {
+fn wait(agent: &Agent, message: &str) -> Result<Value> {
+    agent
+        .wait_for_records(message, 1, Duration::from_secs(10))?
+        .pop()
+        .context("no record")
+}
+
+fn s_client_demo(
+    tb: &Testbed,
+    from: &Pod,
+    server: &Pod,
+    agent: &Agent,
+    args: &str,
+    what: &str,
+    nth: usize,
+) -> Result<()> {
+    let script = format!(
+        "openssl s_client -connect {}:15008 -tls1_3 {args} </dev/null >/dev/null 2>&1",
+        server.ipv4
+    );
+    tb.run_within(from, &["sh", "-c", &script], Duration::from_secs(20))?;
+    let failed = agent.wait_for_records("tls handshake failed", nth, Duration::from_secs(10))?;
+    println!(
+        "\n$ openssl s_client -connect {}:15008 {what}   # in pod attacker\n   REJECTED by the node 1 agent: {}",
+        server.ipv4,
+        failed[nth - 1]["reason"].as_str().unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn fail_closed(tb: &Testbed, agent: &Agent, client: &Pod, url: &str) -> Result<()> {
     agent.stop_with(libc::SIGKILL)?;
     let (code, _) = tb.curl(client, url)?;
     println!(
-        "\n== agent killed with SIGKILL; curl from the client now exits {code} (fails closed)"
+        "\n== node 0 agent killed with SIGKILL; curl from the client now exits {code} (fails closed)"
     );
     ensure!(code != 0, "traffic bypassed the dead agent");
     let restarted = tb
@@ -91,18 +148,4 @@ fn fail_closed(tb: &Testbed, agent: &Agent, client: &ambit_testbed::Pod, url: &s
     );
     restarted.stop_with(libc::SIGTERM)?;
     Ok(())
-}
-
-fn secs(n: u64) -> std::time::Duration {
-    std::time::Duration::from_secs(n)
-}
-
-fn print_record(record: &serde_json::Value) {
-    println!(
-        "   {} workload={} client={} orig_dst={}",
-        record["message"].as_str().unwrap_or_default(),
-        record["workload"].as_str().unwrap_or_default(),
-        record["client"].as_str().unwrap_or_default(),
-        record["orig_dst"].as_str().unwrap_or_default(),
-    );
 }
