@@ -1,11 +1,12 @@
-//! The mesh benchmark: the same client and server pods, once talking
-//! directly (an un-enrolled client) and once through the Ambit agent (an
-//! enrolled client), measured in one run on one testbed.
+//! The mesh benchmark: two nodes, identical client and server pods on each
+//! side, once outside the mesh (plaintext TCP across the link) and once
+//! enrolled (captured by eBPF, carried in the mTLS HBONE tunnel), measured
+//! in one run on one testbed.
 //!
 //! `mesh-bench` drives the testbed; it re-executes itself inside pods as
-//! `mesh-bench echo-server PORT` and `mesh-bench connect-latency ADDR N`,
-//! because capture applies to processes in the pod's cgroup, not to a thread
-//! of this one.
+//! `mesh-bench echo-server PORT`, `mesh-bench connect-latency ADDR N` and
+//! `mesh-bench rate-latency ADDR RATE SECONDS`, because capture applies to
+//! processes in the pod's cgroup, not to a thread of this one.
 
 use std::{
     io::{Read, Write},
@@ -27,6 +28,7 @@ fn main() -> Result<()> {
     match args.get(1).map(String::as_str) {
         Some("echo-server") => echo_server(args[2].parse()?),
         Some("connect-latency") => connect_latency(args[2].parse()?, args[3].parse()?),
+        Some("rate-latency") => rate_latency(args[2].parse()?, args[3].parse()?, args[4].parse()?),
         None => run_benchmark(),
         Some(other) => bail!("unknown mode {other}"),
     }
@@ -67,9 +69,32 @@ fn connect_latency(addr: SocketAddr, count: usize) -> Result<()> {
     Ok(())
 }
 
+/// Request latency on one persistent connection at a fixed rate: a 1-byte
+/// request every 1/RATE s, timed from its scheduled send time so a stall
+/// counts against every request it delays (no coordinated omission).
+fn rate_latency(addr: SocketAddr, rate: u32, seconds: u32) -> Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_nodelay(true)?;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let count = rate * seconds;
+    let start = Instant::now();
+    let mut micros = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let scheduled = start + interval * i;
+        if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        stream.write_all(b"x")?;
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte)?;
+        micros.push(scheduled.elapsed().as_secs_f64() * 1e6);
+    }
+    println!("{}", serde_json::to_string(&micros)?);
+    Ok(())
+}
+
 struct Percentiles {
     p50: f64,
-    p90: f64,
     p99: f64,
 }
 
@@ -78,65 +103,111 @@ fn percentiles(mut samples: Vec<f64>) -> Percentiles {
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
     Percentiles {
         p50: at(0.50),
-        p90: at(0.90),
         p99: at(0.99),
     }
+}
+
+const RATE: &str = "500";
+const RATE_SECONDS: &str = "10";
+
+/// One side of the comparison: a client pod on node 0, a server pod on node 1.
+struct Path {
+    label: &'static str,
+    client: Pod,
+    server: Pod,
+}
+
+struct Row {
+    connect: Percentiles,
+    request: Percentiles,
+    one_stream: f64,
+    four_streams: f64,
 }
 
 fn run_benchmark() -> Result<()> {
     let me = std::env::current_exe()?;
     let me = me.to_str().context("path")?;
-    let mut tb = Testbed::new(1)?;
-    let enrolled = tb.add_pod(0, "client-mesh")?;
-    let plain = tb.add_pod(0, "client-plain")?;
-    let server = tb.add_pod(0, "server")?;
-    tb.spawn(
-        &server,
-        "echo",
-        &[me, "echo-server", &ECHO_PORT.to_string()],
-    )?;
-    tb.wait_for_listener(&server, ECHO_PORT)?;
-    tb.spawn(
-        &server,
-        "iperf3",
-        &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
-    )?;
-    tb.wait_for_listener(&server, IPERF_PORT)?;
-    let agent = tb.start_agent(
-        0,
-        &[
-            WorkloadEntry::enrolled(&enrolled),
-            WorkloadEntry::opted_out(&plain),
-            WorkloadEntry::enrolled(&server),
-        ],
-    )?;
+    let mut tb = Testbed::new(2)?;
+    let paths = [
+        Path {
+            label: "plaintext (not enrolled)",
+            client: tb.add_pod(0, "client-plain")?,
+            server: tb.add_pod(1, "server-plain")?,
+        },
+        Path {
+            label: "Ambit mTLS HBONE tunnel",
+            client: tb.add_pod(0, "client-mesh")?,
+            server: tb.add_pod(1, "server-mesh")?,
+        },
+    ];
+    for path in &paths {
+        let name = &path.server.name;
+        tb.spawn(
+            &path.server,
+            &format!("echo-{name}"),
+            &[me, "echo-server", &ECHO_PORT.to_string()],
+        )?;
+        tb.wait_for_listener(&path.server, ECHO_PORT)?;
+        tb.spawn(
+            &path.server,
+            &format!("iperf3-{name}"),
+            &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
+        )?;
+        tb.wait_for_listener(&path.server, IPERF_PORT)?;
+    }
+    let entries = [
+        WorkloadEntry::opted_out(&paths[0].client),
+        WorkloadEntry::opted_out(&paths[0].server),
+        WorkloadEntry::enrolled(&paths[1].client),
+        WorkloadEntry::enrolled(&paths[1].server),
+    ];
+    let _ca = tb.start_ca(&entries, 3600)?;
+    let agent0 = tb.start_agent(0, &entries)?;
+    let _agent1 = tb.start_agent(1, &entries)?;
     println!(
-        "mesh-bench: one node, {CONNECTIONS} connections per latency run, {IPERF_SECONDS}s iperf3 per throughput run"
+        "mesh-bench: two nodes; {CONNECTIONS} sequential connections, {RATE} req/s for {RATE_SECONDS}s \
+         on one connection, iperf3 {IPERF_SECONDS}s with 1 and 4 streams"
     );
-    println!("| path | connect+RTT p50 (µs) | p90 | p99 | iperf3 1 stream (Gbit/s) |");
+    println!(
+        "| path | connect+RTT p50 / p99 (µs) | request p50 / p99 at {RATE}/s (µs) | iperf3 1 stream (Gbit/s) | 4 streams (Gbit/s) |"
+    );
     println!("|---|---|---|---|---|");
     let mut rows = Vec::new();
-    for (label, client) in [
-        ("direct (not enrolled)", &plain),
-        ("Ambit plain relay", &enrolled),
-    ] {
-        let lat = latency(&tb, client, me, &server)?;
-        let gbps = throughput(&tb, client, &server)?;
+    for path in &paths {
+        let row = Row {
+            connect: latency(&tb, &path.client, me, &path.server)?,
+            request: rate(&tb, &path.client, me, &path.server)?,
+            one_stream: throughput(&tb, &path.client, &path.server, "1")?,
+            four_streams: throughput(&tb, &path.client, &path.server, "4")?,
+        };
         println!(
-            "| {label} | {:.0} | {:.0} | {:.0} | {gbps:.2} |",
-            lat.p50, lat.p90, lat.p99
+            "| {} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2} | {:.2} |",
+            path.label,
+            row.connect.p50,
+            row.connect.p99,
+            row.request.p50,
+            row.request.p99,
+            row.one_stream,
+            row.four_streams
         );
-        rows.push((lat, gbps));
+        rows.push(row);
     }
-    let (direct, relay) = (&rows[0], &rows[1]);
+    let (plain, mesh) = (&rows[0], &rows[1]);
     println!(
-        "\nratios (relay / direct): p50 latency {:.2}x, p99 latency {:.2}x, throughput {:.2}x",
-        relay.0.p50 / direct.0.p50,
-        relay.0.p99 / direct.0.p99,
-        relay.1 / direct.1
+        "\nratios (tunnel / plaintext): connect p50 {:.2}x, p99 {:.2}x; request p50 {:.2}x, p99 {:.2}x; \
+         throughput 1 stream {:.2}x, 4 streams {:.2}x",
+        mesh.connect.p50 / plain.connect.p50,
+        mesh.connect.p99 / plain.connect.p99,
+        mesh.request.p50 / plain.request.p50,
+        mesh.request.p99 / plain.request.p99,
+        mesh.one_stream / plain.one_stream,
+        mesh.four_streams / plain.four_streams,
     );
+    let captured = agent0.records("outbound connection captured").len();
+    let handshakes = agent0.records("tunnel established").len();
+    println!("pooling: {captured} captured connections used {handshakes} tunnel handshake(s)");
     ensure!(
-        agent.records("outbound connection captured").len() >= CONNECTIONS,
+        captured >= CONNECTIONS,
         "the enrolled client's connections were not captured"
     );
     Ok(())
@@ -158,7 +229,23 @@ fn latency(tb: &Testbed, client: &Pod, me: &str, server: &Pod) -> Result<Percent
     Ok(percentiles(serde_json::from_slice(&out.stdout)?))
 }
 
-fn throughput(tb: &Testbed, client: &Pod, server: &Pod) -> Result<f64> {
+fn rate(tb: &Testbed, client: &Pod, me: &str, server: &Pod) -> Result<Percentiles> {
+    let addr = SocketAddr::new(server.ipv4.into(), ECHO_PORT).to_string();
+    let out = tb.run_within(
+        client,
+        &[me, "rate-latency", &addr, RATE, RATE_SECONDS],
+        Duration::from_secs(120),
+    )?;
+    ensure!(
+        out.status.success(),
+        "rate client in {}: {}",
+        client.label(),
+        stderr(&out)
+    );
+    Ok(percentiles(serde_json::from_slice(&out.stdout)?))
+}
+
+fn throughput(tb: &Testbed, client: &Pod, server: &Pod, streams: &str) -> Result<f64> {
     let out = tb.run_within(
         client,
         &[
@@ -169,6 +256,8 @@ fn throughput(tb: &Testbed, client: &Pod, server: &Pod) -> Result<f64> {
             &IPERF_PORT.to_string(),
             "-t",
             IPERF_SECONDS,
+            "-P",
+            streams,
             "-J",
         ],
         Duration::from_secs(60),
