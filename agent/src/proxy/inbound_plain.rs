@@ -21,17 +21,10 @@ pub struct PlaintextContext {
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PlaintextContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer, Arc::clone(&ctx)));
-            }
-            Err(e) => {
-                tracing::warn!(workload = %ctx.workload, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(listener, &ctx.workload, |stream, peer| {
+        handle(stream, peer, Arc::clone(&ctx))
+    })
+    .await;
 }
 
 async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PlaintextContext>) {

@@ -39,17 +39,10 @@ pub struct TunnelContext {
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(handle_connection(stream, unmapped(peer), Arc::clone(&ctx)));
-            }
-            Err(e) => {
-                tracing::warn!(workload = %ctx.workload, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(listener, &ctx.workload, |stream, peer| {
+        handle_connection(stream, unmapped(peer), Arc::clone(&ctx))
+    })
+    .await;
 }
 
 /// The verified peer of one tunnel connection.

@@ -12,7 +12,10 @@ use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
-use super::{dial::dial, relay::relay};
+use super::{
+    dial::dial,
+    relay::{RelayStats, relay},
+};
 use crate::{
     capture::Capture,
     identity::{SpiffeId, client_config, handshake_failure_reason},
@@ -35,21 +38,11 @@ pub struct OutboundContext {
     pub connect_timeout: Duration,
 }
 
-/// Accepts until the task is aborted (the pod is unenrolled or the agent
-/// stops). Connections already accepted keep running on their own tasks.
 pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, client)) => {
-                tokio::spawn(handle(stream, client, Arc::clone(&ctx)));
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(workload = %ctx.workload, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    super::accept_loop(listener, &ctx.workload, |stream, client| {
+        handle(stream, client, Arc::clone(&ctx))
+    })
+    .await;
 }
 
 async fn handle(downstream: TcpStream, client: SocketAddr, ctx: Arc<OutboundContext>) {
@@ -81,16 +74,7 @@ async fn passthrough(mut downstream: TcpStream, orig_dst: SocketAddr, ctx: &Outb
         }
     };
     let (stats, result) = relay(&mut downstream, &mut upstream).await;
-    tracing::info!(
-        workload = %ctx.workload,
-        %orig_dst,
-        mode = "passthrough",
-        bytes_sent = stats.sent,
-        bytes_received = stats.received,
-        duration_ms = stats.duration.as_millis() as u64,
-        error = result.err().map(|e| e.to_string()),
-        "outbound connection closed"
-    );
+    log_closed(ctx, orig_dst, "passthrough", None, stats, result);
 }
 
 async fn via_tunnel(
@@ -118,11 +102,29 @@ async fn via_tunnel(
         }
     };
     let (stats, result) = relay(&mut downstream, &mut stream).await;
+    log_closed(
+        ctx,
+        orig_dst,
+        "hbone",
+        Some(&destination.spiffe_id),
+        stats,
+        result,
+    );
+}
+
+fn log_closed(
+    ctx: &OutboundContext,
+    orig_dst: SocketAddr,
+    mode: &str,
+    peer: Option<&SpiffeId>,
+    stats: RelayStats,
+    result: std::io::Result<()>,
+) {
     tracing::info!(
         workload = %ctx.workload,
         %orig_dst,
-        mode = "hbone",
-        peer_spiffe_id = %destination.spiffe_id,
+        mode,
+        peer_spiffe_id = peer.map(|p| p.as_str()),
         bytes_sent = stats.sent,
         bytes_received = stats.received,
         duration_ms = stats.duration.as_millis() as u64,
