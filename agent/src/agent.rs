@@ -13,12 +13,18 @@ use anyhow::{Context, Result};
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch, task::JoinHandle};
 
 use crate::{
+    admin::AdminServer,
+    admin_state::AgentState,
+    audit::AuditLog,
     ca_service::{BUNDLE_FILE, CaClient, NODE_CHAIN_FILE, NODE_KEY_FILE, NODES_DIR},
     capture::Capture,
     config::{IdentityConfig, RunConfig},
+    gate::Gate,
     identity::{CertificateAuthority, SpiffeId, TrustDomain},
     mesh::Mesh,
+    metrics::Metrics,
     netns::Netns,
+    policy::{self, Engine, PolicySet},
     proxy::{
         inbound_plain::{self, PlaintextContext},
         inbound_tunnel::{self, TunnelContext},
@@ -52,6 +58,8 @@ pub struct Agent {
     config: RunConfig,
     capture: Arc<Capture>,
     mesh: Arc<Mesh>,
+    gate: Arc<Gate>,
+    state: Arc<AgentState>,
     directory: watch::Sender<Arc<Directory>>,
     pods: BTreeMap<String, CapturedPod>,
 }
@@ -105,18 +113,64 @@ pub async fn run(config: RunConfig) -> Result<()> {
     )?;
     let (directory, directory_rx) =
         watch::channel(Arc::new(Directory::build(&initial, &trust_domain)));
+    let metrics = Arc::new(Metrics::new());
     let mesh = Arc::new(Mesh {
         bundles: svids.bundles(),
         svids: Arc::new(svids),
         trust_domain,
         directory: directory_rx,
         pool,
+        metrics: Arc::clone(&metrics),
     });
+
+    // A bad policy directory at start does not stop the agent: it denies
+    // everything (not ready) until a valid set appears.
+    let (policies, rejections, _static_policies) = match &config.policy.dir {
+        Some(dir) => {
+            let watched =
+                policy::watch_dir(dir, config.policy.settings.clone(), config.reload_interval);
+            (watched.sets, watched.rejections, None)
+        }
+        None => {
+            let empty = PolicySet::new(Vec::new(), config.policy.settings.clone())
+                .context("building the empty policy set")?;
+            let (tx, rx) = watch::channel(Arc::new(empty));
+            (rx, policy::Rejections::default(), Some(tx))
+        }
+    };
+    let engine = Arc::new(Engine::new(Arc::clone(&policies.borrow())));
+    engine.follow(policies.clone());
+    let audit = Arc::new(match &config.audit_log {
+        Some(path) => AuditLog::open_file(path, config.audit_max_bytes, initial.node.clone())
+            .with_context(|| format!("opening audit log {}", path.display()))?,
+        None => AuditLog::stdout(initial.node.clone())?,
+    });
+    let gate = Arc::new(Gate {
+        engine,
+        sets: policies.clone(),
+        audit: Arc::clone(&audit),
+        metrics: Arc::clone(&metrics),
+        close_on_policy_change: config.policy.close_on_change,
+    });
+    let state = Arc::new(AgentState::new(
+        metrics,
+        Arc::clone(&mesh.svids),
+        policies,
+        rejections,
+        audit,
+        initial.node.clone(),
+    ));
+    let admin = AdminServer::bind(config.admin_addr, Arc::clone(&state) as _).await?;
+    tracing::info!(addr = %admin.local_addr(), "admin server listening");
+    tokio::spawn(admin.run());
+
     let capture = Arc::new(Capture::start(&config.capture)?);
     let mut agent = Agent {
         config,
         capture,
         mesh,
+        gate,
+        state,
         directory,
         pods: BTreeMap::new(),
     };
@@ -170,9 +224,14 @@ impl Agent {
                 continue;
             }
             match self.capture_pod(workload) {
-                Ok(pod) => {
+                Ok((pod, spiffe_id)) => {
                     tracing::info!(workload = %id, netns = %workload.netns.display(),
                         netns_cookie = pod.netns.cookie(), "workload enrolled");
+                    self.state
+                        .enrolled
+                        .lock()
+                        .expect("enrolled lock")
+                        .insert(id.clone(), (workload.clone(), spiffe_id));
                     self.pods.insert(id, pod);
                 }
                 Err(e) => tracing::error!(workload = %id, error = %format!("{e:#}"),
@@ -185,7 +244,7 @@ impl Agent {
     /// them, and enrolls outbound capture last, so a captured connection
     /// always finds a listener. The pod's SVID is fetched in the background;
     /// until it arrives its connections are refused, never sent in clear.
-    fn capture_pod(&self, workload: &Workload) -> Result<CapturedPod> {
+    fn capture_pod(&self, workload: &Workload) -> Result<(CapturedPod, SpiffeId)> {
         let spiffe_id = SpiffeId::kubernetes(
             &self.mesh.trust_domain,
             &workload.namespace,
@@ -202,8 +261,12 @@ impl Agent {
         let any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
         let mut tasks = Vec::new();
 
+        let spec = Arc::new(workload.clone());
         let tunnel_ctx = Arc::new(TunnelContext {
             workload: workload.id(),
+            spec: Arc::clone(&spec),
+            identity: spiffe_id.clone(),
+            gate: Arc::clone(&self.gate),
             ips: workload.ips.clone(),
             svid: svid.clone(),
             bundles: Arc::clone(&self.mesh.bundles),
@@ -219,6 +282,9 @@ impl Agent {
 
         let plaintext_ctx = Arc::new(PlaintextContext {
             workload: workload.id(),
+            spec,
+            identity: spiffe_id.clone(),
+            gate: Arc::clone(&self.gate),
             netns: Arc::clone(&netns),
             socket_mark: mark,
             connect_timeout,
@@ -238,7 +304,7 @@ impl Agent {
 
         let outbound_ctx = Arc::new(OutboundContext {
             workload: workload.id(),
-            identity: spiffe_id,
+            identity: spiffe_id.clone(),
             svid,
             netns: Arc::clone(&netns),
             capture: Arc::clone(&self.capture),
@@ -263,12 +329,17 @@ impl Agent {
             tasks,
         };
         self.capture.enroll(pod.netns.cookie())?;
-        Ok(pod)
+        Ok((pod, spiffe_id))
     }
 
     /// Unenrolls first, then closes the listeners; established connections
     /// run to completion.
     fn release(&self, id: &str, pod: CapturedPod) {
+        self.state
+            .enrolled
+            .lock()
+            .expect("enrolled lock")
+            .remove(id);
         let cookie = pod.netns.cookie();
         if let Err(e) = self.capture.unenroll(cookie) {
             tracing::error!(workload = %id, error = %format!("{e:#}"), "cannot unenroll workload");

@@ -54,4 +54,17 @@ pub struct RunConfig {
     /// On SIGTERM/SIGINT, detach the programs and remove the pins instead of
     /// leaving enrolled pods failing closed until the next agent starts.
     pub cleanup_on_exit: bool,
+    pub policy: PolicyConfig,
+    /// `None`: standard output.
+    pub audit_log: Option<PathBuf>,
+    pub audit_max_bytes: u64,
+    pub admin_addr: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct PolicyConfig {
+    /// `None`: no policy files; every decision is the mesh default.
+    pub dir: Option<PathBuf>,
+    pub settings: crate::policy::Settings,
+    pub close_on_change: bool,
 }

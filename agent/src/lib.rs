@@ -2,13 +2,19 @@
 //!
 //! The binary (`ambit`) is a thin CLI over these modules; see docs/architecture.md.
 
+pub mod admin;
+pub mod admin_state;
 pub mod agent;
+pub mod audit;
 pub mod ca_service;
 pub mod capture;
 pub mod config;
+pub mod gate;
 pub mod identity;
 pub mod mesh;
+pub mod metrics;
 pub mod netns;
+pub mod policy;
 pub mod preflight;
 pub mod proxy;
 pub mod svids;

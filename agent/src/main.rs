@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use ambit::{
-    config::{CaptureConfig, IdentityConfig, RunConfig},
+    config::{CaptureConfig, IdentityConfig, PolicyConfig, RunConfig},
     telemetry::{self, LogFormat},
 };
 use clap::{Args, Parser, Subcommand};
@@ -35,6 +35,10 @@ enum Command {
     /// Run the cluster CA: issue SVIDs to node agents over mTLS, each only
     /// for the workloads its directory places on the requesting node.
     Ca(CaArgs),
+    /// Inspect audit logs.
+    Audit(AuditArgs),
+    /// Validate authorization policies and explain decisions.
+    Policy(PolicyArgs),
 }
 
 #[derive(Args)]
@@ -78,6 +82,28 @@ struct RunArgs {
     /// SVID lifetime of the embedded CA, in seconds (60 to 86400).
     #[arg(long, value_parser = clap::value_parser!(u64).range(60..=86400))]
     svid_ttl_secs: Option<u64>,
+    /// Directory of AuthorizationPolicy files, re-read when it changes.
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// Decision for workloads no policy decides (the shipped default is deny).
+    #[arg(long, default_value = "deny")]
+    default_policy: ambit::policy::DefaultAction,
+    /// Namespace whose policies apply to every workload.
+    #[arg(long, default_value = ambit::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// Keep running connections that a policy change no longer allows
+    /// (by default they are closed).
+    #[arg(long)]
+    keep_connections_on_policy_change: bool,
+    /// Audit log file (`-` for standard output).
+    #[arg(long, default_value = "-")]
+    audit_log: PathBuf,
+    /// Size at which the audit log file is rotated, in bytes.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    audit_max_bytes: u64,
+    /// Address of the admin server (/metrics, /healthz, /readyz, /config_dump, /certs).
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    admin_addr: std::net::SocketAddr,
 }
 
 #[derive(Args)]
@@ -103,6 +129,27 @@ struct CaArgs {
     reload_interval_ms: u64,
 }
 
+#[derive(Args)]
+struct AuditArgs {
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit log files; exits non-zero at the first
+    /// edited, removed, reordered or truncated record.
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(Args)]
+struct AuditVerifyArgs {
+    /// Files in chain order, oldest first, e.g. `audit.log.2 audit.log.1
+    /// audit.log`.
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
 fn parse_u32(text: &str) -> Result<u32, String> {
     let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -117,6 +164,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Ca(args) => ca(args),
+        Command::Audit(args) => audit(args),
+        // Prints its own findings and chooses its exit code.
+        Command::Policy(args) => return policy(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,6 +200,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         reload_interval: Duration::from_millis(args.reload_interval_ms),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         cleanup_on_exit: args.cleanup_on_exit,
+        policy: PolicyConfig {
+            dir: args.policies,
+            settings: ambit::policy::Settings {
+                default_action: args.default_policy,
+                root_namespace: args.root_namespace,
+            },
+            close_on_change: !args.keep_connections_on_policy_change,
+        },
+        audit_log: (args.audit_log.as_os_str() != "-").then_some(args.audit_log),
+        audit_max_bytes: args.audit_max_bytes,
+        admin_addr: args.admin_addr,
     };
     tokio::runtime::Runtime::new()?.block_on(ambit::agent::run(config))
 }
@@ -175,4 +236,136 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    match args.command {
+        AuditCommand::Verify(args) => {
+            // A broken chain comes back as an error naming FILE:LINE and the
+            // kind of problem, which `main` prints and turns into exit 1.
+            let summary = ambit::audit::verify_files(&args.files)?;
+            println!("OK: {} records, chain intact", summary.records);
+            if let Some(first) = summary.first_seq.filter(|&seq| seq > 0) {
+                println!(
+                    "note: the chain starts at seq {first}; earlier records (rotated away) were not checked"
+                );
+            }
+            if let Some(hash) = summary.last_line_hash {
+                // Kept elsewhere, this shows later whether records were cut
+                // off the end, which the chain alone cannot.
+                println!("last record hash: {hash}");
+            }
+            Ok(())
+        }
+    }
+}
+
+#[derive(Args)]
+struct PolicyArgs {
+    #[command(subcommand)]
+    command: PolicyCommand,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files (a directory means its *.yaml and *.yml
+    /// files). Prints `OK: N policies in M files`, or each error as
+    /// FILE:LINE:COLUMN: REASON and exits 1.
+    Check(PolicyCheckArgs),
+    /// Print the decision for one connection (ALLOW or DENY) and the policy
+    /// and rule that made it, or the default that did.
+    Explain(PolicyExplainArgs),
+}
+
+#[derive(Args)]
+struct PolicyCheckArgs {
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct PolicyExplainArgs {
+    /// The peer: a SPIFFE ID, or `plaintext` for a connection from outside
+    /// the mesh.
+    #[arg(long, value_name = "SPIFFE_ID|plaintext")]
+    from: ambit::policy::Peer,
+    /// The destination workload and port.
+    #[arg(long, value_name = "NAMESPACE/WORKLOAD:PORT")]
+    to: ambit::policy::ConnectionTarget,
+    /// Policy file or directory (repeatable).
+    #[arg(long, required = true, value_name = "DIR_OR_FILE")]
+    policies: Vec<PathBuf>,
+    /// Workloads file (the `run --workloads` format) with the destination's
+    /// labels.
+    #[arg(long)]
+    workloads: PathBuf,
+    /// Decision when no policy decides.
+    #[arg(long, value_name = "deny|allow", default_value = "deny")]
+    default: ambit::policy::DefaultAction,
+    /// Namespace whose policies apply to every workload.
+    #[arg(long, default_value = ambit::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+}
+
+fn policy(args: PolicyArgs) -> ExitCode {
+    match args.command {
+        PolicyCommand::Check(args) => policy_check(args),
+        PolicyCommand::Explain(args) => match policy_explain(args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn policy_check(args: PolicyCheckArgs) -> ExitCode {
+    match ambit::policy::load_paths(&args.files, ambit::policy::Settings::default()) {
+        Ok(set) => {
+            println!("OK: {} policies in {} files", set.len(), set.files().len());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            // Findings go to stdout, one per line, like a linter's.
+            for error in &errors.0 {
+                println!("{error}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn policy_explain(args: PolicyExplainArgs) -> anyhow::Result<String> {
+    use ambit::policy::{Destination, Request, Settings};
+
+    let settings = Settings {
+        default_action: args.default,
+        root_namespace: args.root_namespace,
+    };
+    let set = ambit::policy::load_paths(&args.policies, settings)
+        .map_err(|errors| anyhow::anyhow!("invalid policies:\n{errors}"))?;
+    let workloads = ambit::workloads::file::load(&args.workloads)?;
+    let target = &args.to;
+    let workload = workloads
+        .workloads
+        .iter()
+        .find(|w| w.namespace == target.namespace && w.name == target.name)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no workload {}/{} in {}",
+                target.namespace,
+                target.name,
+                args.workloads.display()
+            )
+        })?;
+    let request = Request {
+        source: args.from.id(),
+        destination: Destination::from(workload),
+        port: target.port,
+    };
+    Ok(ambit::policy::explain(&set, &request).to_string())
 }

@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use crate::{
     identity::{SpiffeId, TrustBundles, TrustDomain},
+    metrics::Metrics,
     svids::SvidStore,
     tunnel::TunnelPool,
     workloads::directory::Directory,
@@ -29,4 +30,5 @@ pub struct Mesh {
     pub svids: Arc<SvidStore>,
     pub bundles: Arc<TrustBundles>,
     pub pool: TunnelPool<TunnelKey>,
+    pub metrics: Arc<Metrics>,
 }

@@ -84,6 +84,21 @@ impl SvidStore {
         Arc::clone(&self.bundles)
     }
 
+    /// Every SVID currently held (for /certs and the expiry gauge).
+    pub fn current(&self) -> Vec<Arc<Svid>> {
+        let watches = self.watches.lock().expect("svid store lock");
+        watches
+            .values()
+            .filter_map(|w| w.borrow().clone())
+            .collect()
+    }
+
+    /// Whether `id` has an SVID yet.
+    pub fn has(&self, id: &SpiffeId) -> bool {
+        let watches = self.watches.lock().expect("svid store lock");
+        watches.get(id).is_some_and(|w| w.borrow().is_some())
+    }
+
     /// The live SVID of `id`, starting its fetch-and-renew task on first use.
     pub fn watch(&self, id: &SpiffeId) -> SvidWatch {
         let mut watches = self.watches.lock().expect("svid store lock");

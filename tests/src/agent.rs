@@ -87,6 +87,10 @@ pub struct Agent {
     pub log_path: PathBuf,
     pub workloads_file: PathBuf,
     pub bpf_pin_dir: PathBuf,
+    /// The agent's hash-chained audit log.
+    pub audit_log: PathBuf,
+    /// The node it runs on (its admin server listens on 127.0.0.1 there).
+    pub node: crate::Node,
     children: Arc<Mutex<Vec<Child>>>,
 }
 
@@ -134,6 +138,13 @@ impl Testbed {
             node.bpf_pin_dir.display().to_string(),
         ]);
         args.extend(["--reload-interval-ms".into(), "100".into()]);
+        let audit_log = self.dir.path().join(format!("audit-n{}.log", node.index));
+        args.extend(["--audit-log".into(), audit_log.display().to_string()]);
+        // Tests that are not about policy run with the mesh default open;
+        // policy tests pass their own --default-policy.
+        if !extra.contains(&"--default-policy") {
+            args.extend(["--default-policy".into(), "allow".into()]);
+        }
         if let Some(ca) = self.ca.get() {
             args.extend(["--ca-addr".into(), ca.addr.clone()]);
             args.extend([
@@ -147,6 +158,7 @@ impl Testbed {
         Ok(Agent {
             workloads_file,
             bpf_pin_dir: node.bpf_pin_dir.clone(),
+            audit_log,
             ..daemon
         })
     }
@@ -230,6 +242,8 @@ impl Testbed {
             pid,
             workloads_file: PathBuf::new(),
             bpf_pin_dir: PathBuf::new(),
+            audit_log: PathBuf::new(),
+            node: node.clone(),
             children: Arc::clone(&self.children),
         })
     }
@@ -281,6 +295,47 @@ impl Agent {
             Ok(self.logs().iter().any(|l| message(l) == msg))
         })
         .with_context(|| format!("{} never logged {msg:?}:\n{}", self.name, self.raw_log()))
+    }
+
+    /// GETs `path` from the agent's admin server (from inside its node).
+    pub fn admin_get(&self, tb: &Testbed, path: &str) -> Result<(String, String)> {
+        let url = format!("http://127.0.0.1:15020{path}");
+        let out = tb.run(
+            &self.node,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        Ok((code.to_owned(), body.to_owned()))
+    }
+
+    /// The value of one series in the agent's /metrics, e.g.
+    /// `ambit_connections_opened_total{direction="inbound",decision="deny"}`
+    /// (0 when absent).
+    pub fn metric(&self, tb: &Testbed, series: &str) -> Result<f64> {
+        let (code, body) = self.admin_get(tb, "/metrics")?;
+        anyhow::ensure!(code == "200", "/metrics answered {code}");
+        Ok(body
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0))
+    }
+
+    /// Every record of the audit log written so far.
+    pub fn audit_records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     pub fn raw_log(&self) -> String {

@@ -8,12 +8,24 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     dial::{dial, unmapped},
-    relay::relay,
+    relay::{RelayStats, relay},
 };
-use crate::netns::Netns;
+use crate::{
+    audit,
+    gate::{Connection, Gate},
+    identity::SpiffeId,
+    netns::Netns,
+    workloads::Workload,
+};
+
+/// Why strict workloads refuse plaintext.
+const STRICT_REASON: &str = "plaintext from outside the mesh to a strict mTLS workload";
 
 pub struct PlaintextContext {
     pub workload: String,
+    pub spec: Arc<Workload>,
+    pub identity: SpiffeId,
+    pub gate: Arc<Gate>,
     pub netns: Arc<Netns>,
     pub socket_mark: u32,
     pub connect_timeout: Duration,
@@ -33,9 +45,27 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PlaintextContext>)
     let Ok(dst) = stream.local_addr().map(unmapped) else {
         return;
     };
-    if !ctx.permissive {
-        tracing::info!(workload = %ctx.workload, src = %peer, dst = %dst,
-            reason = "plaintext from outside the mesh to a strict mTLS workload",
+    let conn = Connection {
+        direction: audit::Direction::Inbound,
+        source: None,
+        source_addr: peer,
+        workload: Arc::clone(&ctx.spec),
+        workload_id: Some(ctx.identity.clone()),
+        dst,
+        tls_version: None,
+        peer_cert_serial: None,
+    };
+    let refusal = if ctx.permissive {
+        // Permissive only lifts the mTLS requirement: policy still decides,
+        // with no source identity.
+        let decision = ctx.gate.decide(&conn);
+        (!decision.allowed).then(|| decision.reason.clone())
+    } else {
+        ctx.gate.deny(&conn, STRICT_REASON);
+        Some(STRICT_REASON.to_owned())
+    };
+    if let Some(reason) = refusal {
+        tracing::info!(workload = %ctx.workload, src = %peer, dst = %dst, reason = %reason,
             "inbound plaintext denied");
         // A reset, not a clean close: the client must not mistake a refusal
         // for an empty response.
@@ -53,8 +83,17 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PlaintextContext>)
             return;
         }
     };
-    let (stats, result) = relay(&mut downstream, &mut upstream).await;
-    tracing::info!(workload = %ctx.workload, src = %peer, %dst,
+    let _active = ctx.gate.active(&conn);
+    let (stats, result, reason) = tokio::select! {
+        (stats, result) = relay(&mut downstream, &mut upstream) => (stats, result, "closed".to_owned()),
+        revoked = ctx.gate.revoked(&conn) => (
+            RelayStats::default(),
+            Ok(()),
+            format!("closed: the policy no longer allows it ({})", revoked.reason),
+        ),
+    };
+    ctx.gate.closed(&conn, &stats, &reason);
+    tracing::info!(workload = %ctx.workload, src = %peer, %dst, reason,
         bytes_sent = stats.sent, bytes_received = stats.received,
         duration_ms = stats.duration.as_millis() as u64,
         error = result.err().map(|e| e.to_string()),

@@ -16,13 +16,17 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     dial::{dial, unmapped},
-    relay::relay,
+    relay::{RelayStats, relay},
 };
 use crate::{
+    audit,
+    gate::{Connection, Gate},
     identity::{SpiffeId, TrustBundles, handshake_failure_reason, peer_spiffe_id, server_config},
+    metrics::HandshakeFailure,
     netns::Netns,
     svids::{SvidWatch, hex},
     tunnel::{self, InboundRequest},
+    workloads::Workload,
 };
 
 /// A peer must finish the TLS handshake within this long.
@@ -30,6 +34,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct TunnelContext {
     pub workload: String,
+    pub spec: Arc<Workload>,
+    pub identity: SpiffeId,
+    pub gate: Arc<Gate>,
     pub ips: Vec<IpAddr>,
     pub svid: SvidWatch,
     pub bundles: Arc<TrustBundles>,
@@ -50,6 +57,7 @@ struct Peer {
     addr: SocketAddr,
     spiffe_id: SpiffeId,
     serial: String,
+    tls_version: String,
 }
 
 async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelContext>) {
@@ -66,16 +74,31 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
         }
     };
     let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().map(unmapped).unwrap_or(addr);
     let accept = TlsAcceptor::from(Arc::new(config)).accept(tcp);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::info!(workload = %ctx.workload, src = %addr,
-                reason = %handshake_failure_reason(&e), "tls handshake failed");
+            let reason = handshake_failure_reason(&e);
+            tracing::info!(workload = %ctx.workload, src = %addr, reason = %reason, "tls handshake failed");
+            ctx.gate.handshake_failed(
+                addr,
+                &ctx.spec,
+                local,
+                HandshakeFailure::from_io(&e),
+                &reason,
+            );
             return;
         }
         Err(_) => {
             tracing::info!(workload = %ctx.workload, src = %addr, reason = "timed out", "tls handshake failed");
+            ctx.gate.handshake_failed(
+                addr,
+                &ctx.spec,
+                local,
+                HandshakeFailure::Timeout,
+                "timed out",
+            );
             return;
         }
     };
@@ -89,6 +112,7 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
                 .and_then(|c| c.first())
                 .map(leaf_serial)
                 .unwrap_or_default(),
+            tls_version: String::new(),
         },
         Err(e) => {
             tracing::info!(workload = %ctx.workload, src = %addr, reason = %e, "tls handshake failed");
@@ -98,9 +122,14 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
     let tls_version = session
         .protocol_version()
         .and_then(|v| v.as_str())
-        .unwrap_or("unknown");
+        .unwrap_or("unknown")
+        .to_owned();
     tracing::info!(workload = %ctx.workload, src = %addr, peer_spiffe_id = %peer.spiffe_id,
         peer_cert_serial = %peer.serial, tls_version, "tunnel accepted");
+    let peer = Peer {
+        tls_version,
+        ..peer
+    };
     let peer = Arc::new(peer);
     let served = tunnel::serve(tls, |request| {
         tokio::spawn(handle_stream(request, Arc::clone(&peer), Arc::clone(&ctx)));
@@ -120,6 +149,24 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
         request.reject(StatusCode::BAD_REQUEST);
         return;
     }
+    let conn = Connection {
+        direction: audit::Direction::Inbound,
+        source: Some(peer.spiffe_id.clone()),
+        source_addr: peer.addr,
+        workload: Arc::clone(&ctx.spec),
+        workload_id: Some(ctx.identity.clone()),
+        dst,
+        tls_version: Some(peer.tls_version.clone()),
+        peer_cert_serial: Some(peer.serial.clone()),
+    };
+    // Policy first: a denied peer never causes a connection to the app.
+    let decision = ctx.gate.decide(&conn);
+    if !decision.allowed {
+        tracing::info!(workload = %ctx.workload, peer_spiffe_id = %peer.spiffe_id, %dst,
+            policy = decision.policy.as_deref(), reason = %decision.reason, "inbound connection denied");
+        request.reject(StatusCode::FORBIDDEN);
+        return;
+    }
     let mut upstream = match dial(&ctx.netns, dst, ctx.socket_mark, ctx.connect_timeout).await {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -137,8 +184,18 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
         }
     };
     tracing::info!(workload = %ctx.workload, src = %peer.addr, peer_spiffe_id = %peer.spiffe_id,
-        peer_cert_serial = %peer.serial, %dst, "inbound connection accepted");
-    let (stats, result) = relay(&mut stream, &mut upstream).await;
+        peer_cert_serial = %peer.serial, %dst, policy = decision.policy.as_deref(),
+        "inbound connection accepted");
+    let _active = ctx.gate.active(&conn);
+    let (stats, result, reason) = tokio::select! {
+        (stats, result) = relay(&mut stream, &mut upstream) => (stats, result, "closed".to_owned()),
+        revoked = ctx.gate.revoked(&conn) => (
+            RelayStats::default(),
+            Ok(()),
+            format!("closed: the policy no longer allows it ({})", revoked.reason),
+        ),
+    };
+    ctx.gate.closed(&conn, &stats, &reason);
     tracing::info!(
         workload = %ctx.workload,
         peer_spiffe_id = %peer.spiffe_id,
@@ -147,6 +204,7 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
         bytes_received = stats.received,
         duration_ms = stats.duration.as_millis() as u64,
         error = result.err().map(|e| e.to_string()),
+        reason,
         "inbound connection closed"
     );
 }

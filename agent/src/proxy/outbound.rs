@@ -17,6 +17,7 @@ use super::{
     relay::{RelayStats, relay},
 };
 use crate::{
+    audit,
     capture::Capture,
     identity::{SpiffeId, client_config, handshake_failure_reason},
     mesh::{Mesh, TunnelKey},
@@ -54,6 +55,11 @@ async fn handle(downstream: TcpStream, client: SocketAddr, ctx: Arc<OutboundCont
         return;
     };
     tracing::info!(workload = %ctx.workload, %client, %orig_dst, "outbound connection captured");
+    // Policy is decided (and audited) on the destination's node; here the
+    // connection is only counted.
+    let metrics = &ctx.mesh.metrics;
+    metrics.connection_opened(audit::Direction::Outbound, audit::Decision::Allow);
+    let _active = metrics.connection_active(audit::Direction::Outbound);
     let _ = downstream.set_nodelay(true);
     let destination = ctx.mesh.directory.borrow().lookup(orig_dst.ip());
     match destination {
@@ -120,6 +126,7 @@ fn log_closed(
     stats: RelayStats,
     result: std::io::Result<()>,
 ) {
+    ctx.mesh.metrics.add_bytes(stats.sent, stats.received);
     tracing::info!(
         workload = %ctx.workload,
         %orig_dst,

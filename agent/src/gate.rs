@@ -1,0 +1,187 @@
+//! The gate every inbound connection passes before a byte reaches the
+//! application: the policy decision, its audit record and its metrics, in
+//! one place so no handler can decide without recording.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::watch;
+
+use crate::{
+    audit::{self, AuditLog, AuditRecord, Event},
+    identity::SpiffeId,
+    metrics::{ActiveConnection, HandshakeFailure, Metrics},
+    policy::{Decision, Engine, PolicySet, Request},
+    proxy::relay::RelayStats,
+    workloads::Workload,
+};
+
+pub struct Gate {
+    pub engine: Arc<Engine>,
+    /// Every valid policy set as it is published, to re-check running
+    /// connections when the policy changes.
+    pub sets: watch::Receiver<Arc<PolicySet>>,
+    pub audit: Arc<AuditLog>,
+    pub metrics: Arc<Metrics>,
+    /// Close running connections a new policy no longer allows.
+    pub close_on_policy_change: bool,
+}
+
+/// The facts of one connection, for its audit records.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub direction: audit::Direction,
+    pub source: Option<SpiffeId>,
+    pub source_addr: SocketAddr,
+    pub workload: Arc<Workload>,
+    pub workload_id: Option<SpiffeId>,
+    pub dst: SocketAddr,
+    pub tls_version: Option<String>,
+    pub peer_cert_serial: Option<String>,
+}
+
+impl Connection {
+    fn request(&self) -> Request<'_> {
+        Request {
+            source: self.source.as_ref(),
+            destination: self.workload.as_ref().into(),
+            port: self.dst.port(),
+        }
+    }
+
+    fn record(&self, event: Event, decision: audit::Decision, reason: &str) -> AuditRecord {
+        let mut record = AuditRecord::new(
+            event,
+            self.direction,
+            audit::Source {
+                spiffe_id: self.source.as_ref().map(|s| s.as_str().to_owned()),
+                address: self.source_addr,
+            },
+            audit::Destination {
+                workload: Some(self.workload.id()),
+                spiffe_id: self.workload_id.as_ref().map(|s| s.as_str().to_owned()),
+                address: self.dst.ip(),
+                port: self.dst.port(),
+            },
+            decision,
+            reason,
+        );
+        record.tls_version = self.tls_version.clone();
+        record.peer_cert_serial = self.peer_cert_serial.clone();
+        record
+    }
+}
+
+fn verdict(allowed: bool) -> audit::Decision {
+    if allowed {
+        audit::Decision::Allow
+    } else {
+        audit::Decision::Deny
+    }
+}
+
+impl Gate {
+    /// Decides on `conn` by policy, and records the decision.
+    pub fn decide(&self, conn: &Connection) -> Arc<Decision> {
+        let decision = self.engine.decide(&conn.request());
+        self.record_decision(conn, &decision);
+        decision
+    }
+
+    /// Denies `conn` for a reason that is not a policy's (e.g. plaintext to
+    /// a strict workload), and records it.
+    pub fn deny(&self, conn: &Connection, reason: &str) {
+        let decision = Decision {
+            allowed: false,
+            policy: None,
+            rule: None,
+            reason: reason.to_owned(),
+        };
+        self.record_decision(conn, &decision);
+    }
+
+    fn record_decision(&self, conn: &Connection, decision: &Decision) {
+        let outcome = verdict(decision.allowed);
+        self.metrics.connection_opened(conn.direction, outcome);
+        if !decision.allowed {
+            self.metrics.policy_denied();
+        }
+        let mut record = conn.record(Event::Decision, outcome, &decision.reason);
+        record.policy = decision.policy.clone();
+        record.rule = decision.rule.map(|r| r as u32);
+        self.audit.record(record);
+    }
+
+    /// A TLS handshake on the tunnel port failed: nothing was decided by
+    /// policy, but the refusal is audited and counted.
+    pub fn handshake_failed(
+        &self,
+        source_addr: SocketAddr,
+        workload: &Workload,
+        dst: SocketAddr,
+        failure: HandshakeFailure,
+        reason: &str,
+    ) {
+        self.metrics.tls_handshake_failed(failure);
+        let conn = Connection {
+            direction: audit::Direction::Inbound,
+            source: None,
+            source_addr,
+            workload: Arc::new(workload.clone()),
+            workload_id: None,
+            dst,
+            tls_version: None,
+            peer_cert_serial: None,
+        };
+        let record = conn.record(
+            Event::Decision,
+            audit::Decision::Deny,
+            &format!("TLS handshake failed: {reason}"),
+        );
+        self.audit.record(record);
+    }
+
+    pub fn active(&self, conn: &Connection) -> ActiveConnection {
+        self.metrics.connection_active(conn.direction)
+    }
+
+    /// Records the end of an allowed connection.
+    pub fn closed(&self, conn: &Connection, stats: &RelayStats, reason: &str) {
+        self.metrics.add_bytes(stats.sent, stats.received);
+        let mut record = conn.record(Event::Close, audit::Decision::Allow, reason);
+        record.bytes_sent = Some(stats.sent);
+        record.bytes_received = Some(stats.received);
+        record.duration_ms = Some(stats.duration.as_millis() as u64);
+        self.audit.record(record);
+    }
+
+    /// Resolves when a newly published policy set no longer allows `conn`
+    /// (never, when closing on policy change is off).
+    pub async fn revoked(&self, conn: &Connection) -> Decision {
+        let mut sets = self.sets.clone();
+        sets.mark_unchanged();
+        loop {
+            if sets.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if !self.close_on_policy_change {
+                continue;
+            }
+            let decision = sets.borrow().evaluate(&conn.request());
+            if !decision.allowed {
+                self.record_decision(conn, &decision);
+                return decision;
+            }
+        }
+    }
+}
+
+/// Seconds since the epoch, for the SVID expiry gauge.
+pub fn unix_seconds(at: SystemTime) -> i64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64
+}
