@@ -319,13 +319,18 @@ impl Agent {
 
     /// The value of one series in the agent's /metrics, e.g.
     /// `ambit_connections_opened_total{direction="inbound",decision="deny"}`
-    /// (0 when absent).
+    /// (labels in any order; 0 when absent).
     pub fn metric(&self, tb: &Testbed, series: &str) -> Result<f64> {
         let (code, body) = self.admin_get(tb, "/metrics")?;
         anyhow::ensure!(code == "200", "/metrics answered {code}");
+        let wanted = series_key(series);
         Ok(body
             .lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (series_key(name) == wanted).then(|| value.parse().ok())?
+            })
             .unwrap_or(0.0))
     }
 
@@ -397,4 +402,21 @@ impl Agent {
 
 pub fn message(record: &Value) -> &str {
     record["message"].as_str().unwrap_or_default()
+}
+
+/// A series name with its labels sorted, so label order does not matter.
+fn series_key(series: &str) -> (String, Vec<String>) {
+    match series.split_once('{') {
+        Some((name, labels)) => {
+            let mut labels: Vec<String> = labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            labels.sort();
+            (name.to_owned(), labels)
+        }
+        None => (series.to_owned(), Vec::new()),
+    }
 }
