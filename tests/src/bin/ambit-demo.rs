@@ -10,10 +10,77 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
+const ECHO: u16 = 9000;
+
+const POLICY: &str = "apiVersion: ambit.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: allow-client, namespace: default }
+spec:
+  selector: { matchLabels: { app: server } }
+  action: ALLOW
+  rules:
+    - from: [ { principals: [\"spiffe://cluster.local/ns/default/sa/client\"] } ]
+      to: [ { ports: [8080] } ]
+";
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("   | {l}\n")).collect()
+}
+
+/// The second identity and the second port are denied; the audit log and
+/// the metrics say so.
+fn policy_demo(
+    tb: &Testbed,
+    agent1: &Agent,
+    client: &Pod,
+    batch: &Pod,
+    server: &Pod,
+    url: &str,
+) -> Result<()> {
+    let (code, _) = tb.curl(batch, url)?;
+    println!("\n$ curl {url}   # in pod batch (enrolled, but not allowed): exit {code}");
+    ensure!(code != 0, "batch got through");
+    let script = format!("echo hi | socat -t 3 - TCP:{}:{ECHO}", server.ipv4);
+    let out = tb.sh(client, &script)?;
+    println!(
+        "$ {script}   # in pod client, port 9000 (not allowed): {:?}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    agent1.wait_for_records("inbound connection denied", 2, Duration::from_secs(10))?;
+    println!("\n== node 1 audit log (hash-chained; `ambit audit verify` checks it):");
+    for record in agent1
+        .audit_records()
+        .iter()
+        .filter(|r| r["event"] == "decision")
+    {
+        println!(
+            "   {} {:<5} from {} to {}:{} policy={} reason={:?}",
+            record["time"].as_str().unwrap_or_default(),
+            record["decision"].as_str().unwrap_or_default(),
+            record["source"]["spiffe_id"].as_str().unwrap_or("-"),
+            record["destination"]["workload"]
+                .as_str()
+                .unwrap_or_default(),
+            record["destination"]["port"],
+            record["policy"].as_str().unwrap_or("-"),
+            record["reason"].as_str().unwrap_or_default(),
+        );
+    }
+    println!("\n== node 1 metrics (curl 127.0.0.1:15020/metrics):");
+    for series in [
+        r#"ambit_connections_opened_total{direction="inbound",decision="allow"}"#,
+        r#"ambit_connections_opened_total{direction="inbound",decision="deny"}"#,
+        "ambit_policy_denials_total",
+    ] {
+        println!("   {series} {}", agent1.metric(tb, series)?);
+    }
+    Ok(())
+}
 
 fn main() -> Result<()> {
     let mut tb = Testbed::new(2)?;
     let client = tb.add_pod(0, "client")?;
+    let batch = tb.add_pod(0, "batch")?;
     let attacker = tb.add_pod(0, "attacker")?;
     let server = tb.add_pod(1, "server")?;
     println!("== Ambit demo: two nodes joined by a veth link, pods in network namespaces");
@@ -29,15 +96,29 @@ fn main() -> Result<()> {
         PORT,
         "hello from the server pod on node 1\n",
     )?;
+    tb.echo_server(&server, "server-echo", ECHO)?;
     let entries = [
         WorkloadEntry::enrolled(&client),
+        WorkloadEntry::enrolled(&batch),
         WorkloadEntry::opted_out(&attacker),
         WorkloadEntry::enrolled(&server),
     ];
+    let policies = tb.dir.path().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(policies.join("allow-client.yaml"), POLICY)?;
     let _ca = tb.start_ca(&entries, 3600)?;
-    let agent0 = tb.start_agent(0, &entries)?;
-    let agent1 = tb.start_agent(1, &entries)?;
-    println!("== ambit ca and one agent per node running; client and server enrolled");
+    tb.write_workloads(0, &entries)?;
+    tb.write_workloads(1, &entries)?;
+    let policy_args = [
+        "--default-policy",
+        "deny",
+        "--policies",
+        policies.to_str().unwrap(),
+    ];
+    let agent0 = tb.start_agent_with(0, &policy_args)?;
+    let agent1 = tb.start_agent_with(1, &policy_args)?;
+    println!("== ambit ca and one agent per node running; client, batch and server enrolled");
+    println!("== policy (mesh default: deny):\n{}", indent(POLICY));
 
     let url = format!("http://{}:{PORT}/index.txt", server.ipv4);
     let (code, body) = tb.curl(&client, &url)?;
@@ -62,6 +143,8 @@ fn main() -> Result<()> {
         inbound["peer_spiffe_id"].as_str().unwrap_or_default(),
         inbound["peer_cert_serial"].as_str().unwrap_or_default()
     );
+
+    policy_demo(&tb, &agent1, &client, &batch, &server, &url)?;
 
     let (code, _) = tb.curl(&attacker, &url)?;
     println!("\n$ curl {url}   # in pod attacker (not in the mesh): exit {code}");
