@@ -88,6 +88,9 @@ fn build(yaml: &str) -> PolicySet {
     PolicySet::new(policies, Settings::default()).expect("unique names")
 }
 
+/// A benchmark name, the policy generator, and the expected decision.
+type Scenario = (&'static str, fn(usize) -> String, bool);
+
 /// A connection to `ns-0/app-3` from a peer one of its policies allows
 /// (except for `uncached_all_apply`, where nothing matches).
 struct Probe {
@@ -121,7 +124,7 @@ fn decisions(c: &mut Criterion) {
     let probe = Probe::new();
     let mut group = c.benchmark_group("policy_decision");
     for n in SIZES {
-        let scenarios: [(&str, fn(usize) -> String, bool); 3] = [
+        let scenarios: [Scenario; 3] = [
             ("uncached_spread", spread, true),
             ("uncached_one_namespace", one_namespace, true),
             ("uncached_all_apply", all_apply, false),

@@ -139,7 +139,9 @@ impl Testbed {
         ]);
         args.extend(["--reload-interval-ms".into(), "100".into()]);
         let audit_log = self.dir.path().join(format!("audit-n{}.log", node.index));
-        args.extend(["--audit-log".into(), audit_log.display().to_string()]);
+        if !extra.contains(&"--audit-log") {
+            args.extend(["--audit-log".into(), audit_log.display().to_string()]);
+        }
         // Tests that are not about policy run with the mesh default open;
         // policy tests pass their own --default-policy.
         if !extra.contains(&"--default-policy") {

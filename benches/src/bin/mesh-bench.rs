@@ -163,7 +163,7 @@ fn run_benchmark() -> Result<()> {
     ];
     let _ca = tb.start_ca(&entries, 3600)?;
     let agent0 = tb.start_agent(0, &entries)?;
-    let _agent1 = tb.start_agent(1, &entries)?;
+    let agent1 = tb.start_agent(1, &entries)?;
     println!(
         "mesh-bench: two nodes; {CONNECTIONS} sequential connections, {RATE} req/s for {RATE_SECONDS}s \
          on one connection, iperf3 {IPERF_SECONDS}s with 1 and 4 streams"
@@ -209,6 +209,67 @@ fn run_benchmark() -> Result<()> {
     ensure!(
         captured >= CONNECTIONS,
         "the enrolled client's connections were not captured"
+    );
+    agent1.stop_with(15)?;
+    policy_and_audit_cost(&tb, me, &paths[1])
+}
+
+/// The server-side agent restarted twice: once deciding nothing (mesh
+/// default allow, audit to /dev/null), once with 1,000 policies (default
+/// deny, one ALLOW for this client) and the audit log on disk; the
+/// difference in connection latency is what policy and audit add.
+fn policy_and_audit_cost(tb: &Testbed, me: &str, path: &Path) -> Result<()> {
+    let policies = tb.dir.path().join("bench-policies");
+    std::fs::create_dir_all(&policies)?;
+    let policy = |name: &str, app: &str, sa: &str| {
+        format!(
+            "apiVersion: ambit.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {{ name: {name}, namespace: default }}\nspec:\n\
+             \x20 selector: {{ matchLabels: {{ app: {app} }} }}\n  action: ALLOW\n  rules:\n\
+             \x20   - from: [ {{ principals: [\"spiffe://cluster.local/ns/default/sa/{sa}\"] }} ]\n"
+        )
+    };
+    let mut docs: Vec<String> = (0..999)
+        .map(|i| policy(&format!("p{i}"), &format!("other-{i}"), &format!("c{i}")))
+        .collect();
+    docs.push(policy("allow-bench", &path.server.name, &path.client.name));
+    std::fs::write(policies.join("bench.yaml"), docs.join("---\n"))?;
+    let policies = policies.display().to_string();
+    let configs: [(&str, Vec<&str>); 2] = [
+        (
+            "no policy, audit to /dev/null",
+            vec![
+                "--default-policy",
+                "allow",
+                "--audit-log",
+                "/dev/null",
+                // Never rotate: rotation would rename the path.
+                "--audit-max-bytes",
+                "1000000000000000",
+            ],
+        ),
+        (
+            "1,000 policies + audit log on disk",
+            vec!["--default-policy", "deny", "--policies", &policies],
+        ),
+    ];
+    println!("\n| server-side agent | connect+RTT p50 / p99 (µs) |\n|---|---|");
+    let mut p50s = Vec::new();
+    for (label, args) in &configs {
+        let agent = tb.start_agent_with(1, args)?;
+        let lat = latency(tb, &path.client, me, &path.server)?;
+        ensure!(
+            agent.records("inbound connection accepted").len() >= CONNECTIONS,
+            "connections were not allowed under {label}"
+        );
+        println!("| {label} | {:.0} / {:.0} |", lat.p50, lat.p99);
+        p50s.push(lat.p50);
+        agent.stop_with(15)?;
+    }
+    println!(
+        "policy + audit add {:.0} µs per connection at p50 ({:.2}x)",
+        p50s[1] - p50s[0],
+        p50s[1] / p50s[0]
     );
     Ok(())
 }
