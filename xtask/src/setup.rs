@@ -138,6 +138,10 @@ fn cargo_tools(did: &mut Vec<String>) -> Result<()> {
         )?;
         did.push("installed bpf-linker".into());
     }
+    if !on_path("cargo-fuzz") {
+        exec(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+        did.push("installed cargo-fuzz".into());
+    }
     if !on_path("cargo-nextest") {
         exec(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))?;
         did.push("installed cargo-nextest".into());
