@@ -8,14 +8,17 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::sync::watch;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::watch,
+};
 
 use crate::{
     audit::{self, AuditLog, AuditRecord, Event},
     identity::SpiffeId,
     metrics::{ActiveConnection, HandshakeFailure, Metrics},
     policy::{Decision, Engine, PolicySet, Request},
-    proxy::relay::RelayStats,
+    proxy::relay::{RelayStats, relay},
     workloads::Workload,
 };
 
@@ -144,12 +147,35 @@ impl Gate {
         self.audit.record(record);
     }
 
-    pub fn active(&self, conn: &Connection) -> ActiveConnection {
-        self.metrics.connection_active(conn.direction)
+    /// Relays an allowed connection until both sides close or a newly
+    /// published policy no longer allows it, counts it as active meanwhile,
+    /// and records its close. Returns the relay's outcome and the reason it
+    /// ended.
+    pub async fn relay<A, B>(
+        &self,
+        conn: &Connection,
+        downstream: &mut A,
+        upstream: &mut B,
+    ) -> (RelayStats, std::io::Result<()>, String)
+    where
+        A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        let _active: ActiveConnection = self.metrics.connection_active(conn.direction);
+        let (stats, result, reason) = tokio::select! {
+            (stats, result) = relay(downstream, upstream) => (stats, result, "closed".to_owned()),
+            revoked = self.revoked(conn) => (
+                RelayStats::default(),
+                Ok(()),
+                format!("closed: the policy no longer allows it ({})", revoked.reason),
+            ),
+        };
+        self.closed(conn, &stats, &reason);
+        (stats, result, reason)
     }
 
     /// Records the end of an allowed connection.
-    pub fn closed(&self, conn: &Connection, stats: &RelayStats, reason: &str) {
+    fn closed(&self, conn: &Connection, stats: &RelayStats, reason: &str) {
         self.metrics.add_bytes(stats.sent, stats.received);
         let mut record = conn.record(Event::Close, audit::Decision::Allow, reason);
         record.bytes_sent = Some(stats.sent);
@@ -160,7 +186,7 @@ impl Gate {
 
     /// Resolves when a newly published policy set no longer allows `conn`
     /// (never, when closing on policy change is off).
-    pub async fn revoked(&self, conn: &Connection) -> Decision {
+    async fn revoked(&self, conn: &Connection) -> Decision {
         let mut sets = self.sets.clone();
         sets.mark_unchanged();
         loop {

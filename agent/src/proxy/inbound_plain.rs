@@ -6,10 +6,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{
-    dial::{dial, unmapped},
-    relay::{RelayStats, relay},
-};
+use super::dial::{dial, unmapped};
 use crate::{
     audit,
     gate::{Connection, Gate},
@@ -83,16 +80,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PlaintextContext>)
             return;
         }
     };
-    let _active = ctx.gate.active(&conn);
-    let (stats, result, reason) = tokio::select! {
-        (stats, result) = relay(&mut downstream, &mut upstream) => (stats, result, "closed".to_owned()),
-        revoked = ctx.gate.revoked(&conn) => (
-            RelayStats::default(),
-            Ok(()),
-            format!("closed: the policy no longer allows it ({})", revoked.reason),
-        ),
-    };
-    ctx.gate.closed(&conn, &stats, &reason);
+    let (stats, result, reason) = ctx.gate.relay(&conn, &mut downstream, &mut upstream).await;
     tracing::info!(workload = %ctx.workload, src = %peer, %dst, reason,
         bytes_sent = stats.sent, bytes_received = stats.received,
         duration_ms = stats.duration.as_millis() as u64,

@@ -14,10 +14,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::{
-    dial::{dial, unmapped},
-    relay::{RelayStats, relay},
-};
+use super::dial::{dial, unmapped};
 use crate::{
     audit,
     gate::{Connection, Gate},
@@ -186,16 +183,7 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
     tracing::info!(workload = %ctx.workload, src = %peer.addr, peer_spiffe_id = %peer.spiffe_id,
         peer_cert_serial = %peer.serial, %dst, policy = decision.policy.as_deref(),
         "inbound connection accepted");
-    let _active = ctx.gate.active(&conn);
-    let (stats, result, reason) = tokio::select! {
-        (stats, result) = relay(&mut stream, &mut upstream) => (stats, result, "closed".to_owned()),
-        revoked = ctx.gate.revoked(&conn) => (
-            RelayStats::default(),
-            Ok(()),
-            format!("closed: the policy no longer allows it ({})", revoked.reason),
-        ),
-    };
-    ctx.gate.closed(&conn, &stats, &reason);
+    let (stats, result, reason) = ctx.gate.relay(&conn, &mut stream, &mut upstream).await;
     tracing::info!(
         workload = %ctx.workload,
         peer_spiffe_id = %peer.spiffe_id,
