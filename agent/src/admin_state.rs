@@ -19,7 +19,7 @@ use crate::{
     gate::unix_seconds,
     identity::SpiffeId,
     metrics::Metrics,
-    policy::{PolicySet, Rejections},
+    policy::{Engine, PolicySet, Rejections},
     svids::{SvidStore, hex},
     workloads::Workload,
 };
@@ -28,6 +28,7 @@ pub struct AgentState {
     pub metrics: Arc<Metrics>,
     pub svids: Arc<SvidStore>,
     pub policies: watch::Receiver<Arc<PolicySet>>,
+    pub engine: Arc<Engine>,
     pub rejections: Rejections,
     pub audit: Arc<AuditLog>,
     /// Enrolled workloads and their identities, kept by the control loop.
@@ -41,6 +42,7 @@ impl AgentState {
         metrics: Arc<Metrics>,
         svids: Arc<SvidStore>,
         policies: watch::Receiver<Arc<PolicySet>>,
+        engine: Arc<Engine>,
         rejections: Rejections,
         audit: Arc<AuditLog>,
         node: String,
@@ -49,6 +51,7 @@ impl AgentState {
             metrics,
             svids,
             policies,
+            engine,
             rejections,
             audit,
             enrolled: Mutex::new(BTreeMap::new()),
@@ -74,6 +77,8 @@ impl AdminState for AgentState {
                 .map(|s| (s.spiffe_id().as_str(), unix_seconds(s.not_after()))),
         );
         self.metrics.sync_audit_dropped(self.audit.dropped());
+        let cache = self.engine.cache_stats();
+        self.metrics.sync_decision_cache(cache.hits, cache.misses);
         let total = self.rejections.count();
         let seen = self.rejections_seen.swap(total, Ordering::Relaxed);
         for _ in seen..total {

@@ -146,7 +146,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         None => AuditLog::stdout(initial.node.clone())?,
     });
     let gate = Arc::new(Gate {
-        engine,
+        engine: Arc::clone(&engine),
         sets: policies.clone(),
         audit: Arc::clone(&audit),
         metrics: Arc::clone(&metrics),
@@ -156,6 +156,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         metrics,
         Arc::clone(&mesh.svids),
         policies,
+        engine,
         rejections,
         audit,
         initial.node.clone(),

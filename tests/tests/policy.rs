@@ -371,6 +371,12 @@ fn the_admin_server_reports_health_readiness_config_and_certificates_without_key
             "{body}"
         );
     }
+    // The same request twice: one decision computed, one from the cache.
+    for _ in 0..2 {
+        assert_eq!(s.tb.curl(&s.frontend, &s.url())?, (0, BODY.to_string()));
+    }
+    assert_eq!(s.metric("ambit_policy_decision_cache_misses_total")?, 1.0);
+    assert_eq!(s.metric("ambit_policy_decision_cache_hits_total")?, 1.0);
     let (_, metrics) = s.agent.admin_get(&s.tb, "/metrics")?;
     assert!(metrics.contains("ambit_svid_expiry_timestamp_seconds{spiffe_id=\"spiffe://cluster.local/ns/default/sa/server\"}"), "{metrics}");
     assert_eq!(s.agent.admin_get(&s.tb, "/nope")?.0, "404");

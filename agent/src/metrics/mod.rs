@@ -203,6 +203,20 @@ impl Metrics {
         self.decision_cache_misses.inc();
     }
 
+    /// Advances the decision-cache counters to the policy engine's running
+    /// totals (`policy::Engine::cache_stats`). Never goes backwards.
+    pub fn sync_decision_cache(&self, hits: u64, misses: u64) {
+        for (counter, total) in [
+            (&self.decision_cache_hits, hits),
+            (&self.decision_cache_misses, misses),
+        ] {
+            let current = counter.get();
+            if total > current {
+                counter.inc_by(total - current);
+            }
+        }
+    }
+
     /// Advances the dropped-audit-records counter to `total`, the running
     /// count from [`crate::audit::AuditLog::dropped`]. Keeps the audit module
     /// free of Prometheus; call it before encoding. Never goes backwards.
