@@ -123,7 +123,7 @@ impl Gate {
     pub fn handshake_failed(
         &self,
         source_addr: SocketAddr,
-        workload: &Workload,
+        workload: &Arc<Workload>,
         dst: SocketAddr,
         failure: HandshakeFailure,
         reason: &str,
@@ -133,7 +133,7 @@ impl Gate {
             direction: audit::Direction::Inbound,
             source: None,
             source_addr,
-            workload: Arc::new(workload.clone()),
+            workload: Arc::clone(workload),
             workload_id: None,
             dst,
             tls_version: None,
