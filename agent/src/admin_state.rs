@@ -33,6 +33,8 @@ pub struct AgentState {
     pub audit: Arc<AuditLog>,
     /// Enrolled workloads and their identities, kept by the control loop.
     pub enrolled: Mutex<BTreeMap<String, (Workload, SpiffeId)>>,
+    /// Workloads that should be captured but are not, with the last error.
+    pub not_captured: Mutex<BTreeMap<String, String>>,
     pub node: String,
     rejections_seen: AtomicU64,
 }
@@ -55,10 +57,19 @@ impl AgentState {
             rejections,
             audit,
             enrolled: Mutex::new(BTreeMap::new()),
+            not_captured: Mutex::new(BTreeMap::new()),
             node,
             rejections_seen: AtomicU64::new(0),
         }
     }
+}
+
+/// The maps here are replaced entry by entry, so they stay consistent even
+/// if a holder panicked.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn rfc3339(at: SystemTime) -> String {
@@ -68,8 +79,10 @@ fn rfc3339(at: SystemTime) -> String {
 impl AdminState for AgentState {
     fn metrics(&self) -> String {
         // Gauges and counters owned elsewhere are brought up to date on scrape.
-        let enrolled = self.enrolled.lock().expect("enrolled lock").len();
+        let enrolled = lock(&self.enrolled).len();
         self.metrics.set_enrolled_workloads(enrolled);
+        self.metrics
+            .set_workloads_not_captured(lock(&self.not_captured).len());
         let svids = self.svids.current();
         self.metrics.set_svid_expiries(
             svids
@@ -91,7 +104,12 @@ impl AdminState for AgentState {
         if !self.policies.borrow().is_loaded() {
             return Err("no valid policy set loaded yet".into());
         }
-        let enrolled = self.enrolled.lock().expect("enrolled lock");
+        if let Some((id, error)) = lock(&self.not_captured).iter().next() {
+            return Err(format!(
+                "workload {id} should be captured but is not: {error}"
+            ));
+        }
+        let enrolled = lock(&self.enrolled);
         match enrolled.values().find(|(_, id)| !self.svids.has(id)) {
             Some((w, id)) => Err(format!("workload {} has no SVID yet ({id})", w.id())),
             None => Ok(()),
@@ -99,7 +117,7 @@ impl AdminState for AgentState {
     }
 
     fn config_dump(&self) -> Value {
-        let enrolled = self.enrolled.lock().expect("enrolled lock");
+        let enrolled = lock(&self.enrolled);
         let policies = self.policies.borrow();
         json!({
             "node": self.node,
@@ -110,6 +128,10 @@ impl AdminState for AgentState {
                 "labels": w.labels,
                 "ips": w.ips,
                 "permissive": w.permissive(),
+            })).collect::<Vec<_>>(),
+            "not_captured": lock(&self.not_captured).iter().map(|(w, error)| json!({
+                "workload": w,
+                "error": error,
             })).collect::<Vec<_>>(),
             "policies": {
                 "default": policies.settings().default_action.to_string(),

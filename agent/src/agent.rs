@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
@@ -24,10 +24,12 @@ use crate::{
     mesh::Mesh,
     metrics::Metrics,
     netns::Netns,
+    pod::{DialSettings, PodContext, PodHandle, PodState},
     policy::{self, Engine, PolicySet},
     proxy::{
         inbound_plain::{self, PlaintextContext},
         inbound_tunnel::{self, TunnelContext},
+        loop_guard::AgentPorts,
         outbound::{self, OutboundContext},
     },
     svids::{IdentitySource, SvidStore},
@@ -39,17 +41,43 @@ use crate::{
 /// are retried even if the workload set does not change.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 
-/// A pod whose traffic is being captured.
+/// A pod whose traffic is being captured. Dropping it undoes whatever of
+/// its capture was set up (a half-done capture leaves nothing attached),
+/// unless `keep_capture` is set, as at shutdown (fail closed until the
+/// next agent).
 struct CapturedPod {
     spec: Workload,
     netns: Arc<Netns>,
+    handle: PodHandle,
+    /// Local addresses registered for inbound capture.
+    addresses: Vec<IpAddr>,
     tasks: Vec<JoinHandle<()>>,
+    capture: Arc<Capture>,
+    inbound_attached: bool,
+    enrolled: bool,
+    keep_capture: bool,
 }
 
 impl Drop for CapturedPod {
     fn drop(&mut self) {
+        self.handle.release();
         for task in &self.tasks {
             task.abort();
+        }
+        if self.keep_capture {
+            return;
+        }
+        let cookie = self.netns.cookie();
+        // Outbound capture first, so no new connection meets a closed listener.
+        if self.enrolled
+            && let Err(e) = self.capture.unenroll(cookie)
+        {
+            tracing::error!(netns_cookie = cookie, error = %format!("{e:#}"), "cannot unenroll workload");
+        }
+        if self.inbound_attached
+            && let Err(e) = self.capture.release_inbound(cookie)
+        {
+            tracing::error!(netns_cookie = cookie, error = %format!("{e:#}"), "cannot release inbound capture");
         }
     }
 }
@@ -89,6 +117,20 @@ fn identity_source(config: &RunConfig, node: &str, td: &TrustDomain) -> Result<I
             IdentitySource::Remote(client)
         }
     })
+}
+
+/// The addresses inbound capture must cover: every address in the pod's
+/// namespace, and the ones the workload source reports (so a reported
+/// address is steered even before it is configured).
+fn pod_addresses(netns: &Netns, workload: &Workload) -> Result<Vec<IpAddr>> {
+    let mut addresses = netns.local_addresses()?;
+    for ip in &workload.ips {
+        if !addresses.contains(ip) {
+            addresses.push(*ip);
+        }
+    }
+    addresses.sort();
+    Ok(addresses)
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -200,6 +242,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
     agent.shutdown()
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The control loop replaces entries whole: consistent after a panic.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Agent {
     fn reconcile(&mut self, desired: &NodeWorkloads) {
         self.directory.send_if_modified(|current| {
@@ -211,107 +258,159 @@ impl Agent {
         let wanted: BTreeMap<String, &Workload> = desired.enrolled().map(|w| (w.id(), w)).collect();
         let gone: Vec<String> = self
             .pods
-            .iter()
-            .filter(|(id, pod)| wanted.get(*id) != Some(&&pod.spec))
-            .map(|(id, _)| id.clone())
+            .keys()
+            .filter(|id| !wanted.contains_key(*id))
+            .cloned()
             .collect();
         for id in gone {
             if let Some(pod) = self.pods.remove(&id) {
-                self.release(&id, pod);
+                lock(&self.state.enrolled).remove(&id);
+                drop(pod);
+                tracing::info!(workload = %id, "workload unenrolled");
             }
         }
+        let mut failed = BTreeMap::new();
         for (id, workload) in wanted {
-            if self.pods.contains_key(&id) {
-                continue;
-            }
-            match self.capture_pod(workload) {
-                Ok((pod, spiffe_id)) => {
-                    tracing::info!(workload = %id, netns = %workload.netns.display(),
-                        netns_cookie = pod.netns.cookie(), "workload enrolled");
-                    self.state
-                        .enrolled
-                        .lock()
-                        .expect("enrolled lock")
-                        .insert(id.clone(), (workload.clone(), spiffe_id));
-                    self.pods.insert(id, pod);
-                }
-                Err(e) => tracing::error!(workload = %id, error = %format!("{e:#}"),
-                    "cannot enroll workload; will retry"),
+            if let Err(e) = self.converge(&id, workload) {
+                tracing::error!(workload = %id, error = %format!("{e:#}"),
+                    "cannot capture workload; will retry");
+                failed.insert(id, format!("{e:#}"));
             }
         }
+        *lock(&self.state.not_captured) = failed;
+        let in_use: HashSet<SpiffeId> = lock(&self.state.enrolled)
+            .values()
+            .map(|(_, id)| id.clone())
+            .collect();
+        self.mesh.svids.retain(&in_use);
     }
 
-    /// Opens the pod's listeners first, then steers inbound connections to
-    /// them, and enrolls outbound capture last, so a captured connection
-    /// always finds a listener. The pod's SVID is fetched in the background;
-    /// until it arrives its connections are refused, never sent in clear.
-    fn capture_pod(&self, workload: &Workload) -> Result<(CapturedPod, SpiffeId)> {
+    /// Brings one wanted pod to its desired state: captured as `workload`
+    /// says, with every local address of its namespace steered.
+    fn converge(&mut self, id: &str, workload: &Workload) -> Result<()> {
         let spiffe_id = SpiffeId::kubernetes(
             &self.mesh.trust_domain,
             &workload.namespace,
             &workload.service_account,
         )
         .context("the workload's namespace and service account do not form a SPIFFE ID")?;
+        let same_netns = self
+            .pods
+            .get(id)
+            .is_some_and(|pod| pod.spec.netns == workload.netns);
+        if !same_netns {
+            // A new namespace (a new pod, or the pod recreated): capture it
+            // completely before the old capture, if any, goes.
+            let pod = self.capture_pod(workload, &spiffe_id)?;
+            tracing::info!(workload = %id, netns = %workload.netns.display(),
+                netns_cookie = pod.netns.cookie(), addresses = ?pod.addresses, "workload enrolled");
+            if let Some(old) = self.pods.insert(id.to_owned(), pod) {
+                drop(old);
+                tracing::info!(workload = %id, "previous capture of the workload released");
+            }
+            lock(&self.state.enrolled).insert(id.to_owned(), (workload.clone(), spiffe_id));
+            return Ok(());
+        }
+        let pod = self.pods.get_mut(id).expect("checked above");
+        // The same namespace: update in place, so the pod is never
+        // uncaptured, not even for a moment.
+        let addresses = pod_addresses(&pod.netns, workload)?;
+        if pod.spec != *workload || pod.addresses != addresses {
+            self.capture
+                .update_inbound(pod.netns.cookie(), &addresses, workload.permissive())?;
+            let identity_changed = pod.handle.current().identity != spiffe_id;
+            pod.handle.update(PodState {
+                spec: Arc::new(workload.clone()),
+                svid: self.mesh.svids.watch(&spiffe_id),
+                identity: spiffe_id.clone(),
+            });
+            if pod.spec != *workload {
+                tracing::info!(workload = %id, identity_changed, "workload updated in place");
+            }
+            if pod.addresses != addresses {
+                tracing::info!(workload = %id, addresses = ?addresses, "workload addresses updated");
+            }
+            pod.spec = workload.clone();
+            pod.addresses = addresses;
+            lock(&self.state.enrolled).insert(id.to_owned(), (workload.clone(), spiffe_id));
+        }
+        Ok(())
+    }
+
+    /// Opens the pod's listeners first, then steers inbound connections to
+    /// them, and enrolls outbound capture last, so a captured connection
+    /// always finds a listener. If a step fails, the returned error drops
+    /// what was built, which undoes it. The pod's SVID is fetched in the
+    /// background; until it arrives its connections are refused, never
+    /// sent in clear.
+    fn capture_pod(&self, workload: &Workload, spiffe_id: &SpiffeId) -> Result<CapturedPod> {
         let netns = Arc::new(Netns::open(&workload.netns)?);
-        let svid = self.mesh.svids.watch(&spiffe_id);
-        let mark = self.config.capture.socket_mark;
-        let connect_timeout = self.config.connect_timeout;
+        let addresses = pod_addresses(&netns, workload)?;
+        let dial = DialSettings {
+            socket_mark: self.config.capture.socket_mark,
+            connect_timeout: self.config.connect_timeout,
+            agent_ports: AgentPorts {
+                outbound: self.config.capture.outbound_port,
+            },
+        };
+        let (ctx, handle) = PodContext::new(
+            workload.id(),
+            Arc::clone(&netns),
+            PodState {
+                spec: Arc::new(workload.clone()),
+                identity: spiffe_id.clone(),
+                svid: self.mesh.svids.watch(spiffe_id),
+            },
+            dial,
+        );
+        let mut pod = CapturedPod {
+            spec: workload.clone(),
+            netns: Arc::clone(&netns),
+            handle,
+            addresses,
+            tasks: Vec::new(),
+            capture: Arc::clone(&self.capture),
+            inbound_attached: false,
+            enrolled: false,
+            keep_capture: false,
+        };
+        let mark = dial.socket_mark;
         let listen = |addr: SocketAddr| -> Result<TcpListener> {
             TcpListener::from_std(netns.listen(addr, mark)?).context("registering listener")
         };
         let any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
-        let mut tasks = Vec::new();
 
-        let spec = Arc::new(workload.clone());
-        let tunnel_ctx = Arc::new(TunnelContext {
-            workload: workload.id(),
-            spec: Arc::clone(&spec),
-            identity: spiffe_id.clone(),
-            gate: Arc::clone(&self.gate),
-            ips: workload.ips.clone(),
-            svid: svid.clone(),
-            bundles: Arc::clone(&self.mesh.bundles),
-            netns: Arc::clone(&netns),
-            socket_mark: mark,
-            connect_timeout,
-        });
         let tunnel_listener = listen(SocketAddr::new(any, TUNNEL_PORT))?;
-        tasks.push(tokio::spawn(inbound_tunnel::serve(
+        pod.tasks.push(tokio::spawn(inbound_tunnel::serve(
             tunnel_listener,
-            tunnel_ctx,
+            Arc::new(TunnelContext {
+                pod: Arc::clone(&ctx),
+                gate: Arc::clone(&self.gate),
+                bundles: Arc::clone(&self.mesh.bundles),
+            }),
         )));
 
-        let plaintext_ctx = Arc::new(PlaintextContext {
-            workload: workload.id(),
-            spec,
-            identity: spiffe_id.clone(),
-            gate: Arc::clone(&self.gate),
-            netns: Arc::clone(&netns),
-            socket_mark: mark,
-            connect_timeout,
-            permissive: workload.permissive(),
-        });
         let plaintext_listener = listen(SocketAddr::new(any, INBOUND_CAPTURE_PORT))?;
+        pod.inbound_attached = true;
         self.capture.capture_inbound(
             &workload.netns,
             netns.cookie(),
-            &workload.ips,
+            &pod.addresses,
+            workload.permissive(),
             &plaintext_listener,
         )?;
-        tasks.push(tokio::spawn(inbound_plain::serve(
+        pod.tasks.push(tokio::spawn(inbound_plain::serve(
             plaintext_listener,
-            plaintext_ctx,
+            Arc::new(PlaintextContext {
+                pod: Arc::clone(&ctx),
+                gate: Arc::clone(&self.gate),
+            }),
         )));
 
         let outbound_ctx = Arc::new(OutboundContext {
-            workload: workload.id(),
-            identity: spiffe_id.clone(),
-            svid,
-            netns: Arc::clone(&netns),
+            pod: Arc::clone(&ctx),
             capture: Arc::clone(&self.capture),
             mesh: Arc::clone(&self.mesh),
-            socket_mark: mark,
-            connect_timeout,
         });
         let port = self.config.capture.outbound_port;
         for ip in [
@@ -319,36 +418,14 @@ impl Agent {
             IpAddr::V6(Ipv6Addr::LOCALHOST),
         ] {
             let listener = listen(SocketAddr::new(ip, port))?;
-            tasks.push(tokio::spawn(outbound::serve(
+            pod.tasks.push(tokio::spawn(outbound::serve(
                 listener,
                 Arc::clone(&outbound_ctx),
             )));
         }
-        let pod = CapturedPod {
-            spec: workload.clone(),
-            netns,
-            tasks,
-        };
-        self.capture.enroll(pod.netns.cookie())?;
-        Ok((pod, spiffe_id))
-    }
-
-    /// Unenrolls first, then closes the listeners; established connections
-    /// run to completion.
-    fn release(&self, id: &str, pod: CapturedPod) {
-        self.state
-            .enrolled
-            .lock()
-            .expect("enrolled lock")
-            .remove(id);
-        let cookie = pod.netns.cookie();
-        if let Err(e) = self.capture.unenroll(cookie) {
-            tracing::error!(workload = %id, error = %format!("{e:#}"), "cannot unenroll workload");
-        }
-        if let Err(e) = self.capture.release_inbound(cookie, &pod.spec.ips) {
-            tracing::error!(workload = %id, error = %format!("{e:#}"), "cannot release inbound capture");
-        }
-        tracing::info!(workload = %id, netns_cookie = cookie, "workload unenrolled");
+        pod.enrolled = true;
+        self.capture.enroll(netns.cookie())?;
+        Ok(pod)
     }
 
     /// Namespaces a previous agent enrolled that are no longer wanted.
@@ -360,23 +437,22 @@ impl Agent {
                 let _ = self.capture.unenroll(cookie);
             }
         }
-        let live_ips: Vec<IpAddr> = self
-            .pods
-            .values()
-            .flat_map(|p| p.spec.ips.iter().copied())
-            .collect();
-        self.capture.forget_stale_inbound(&live, &live_ips);
+        self.capture.forget_stale_inbound(&live);
     }
 
     fn shutdown(mut self) -> Result<()> {
         if !self.config.cleanup_on_exit {
             // Enrolled pods keep being redirected to listeners that are about
             // to close: they fail closed until the next agent takes over.
+            for pod in self.pods.values_mut() {
+                pod.keep_capture = true;
+            }
             tracing::info!("agent stopping; capture stays pinned (fail closed)");
             return Ok(());
         }
         for (id, pod) in std::mem::take(&mut self.pods) {
-            self.release(&id, pod);
+            drop(pod);
+            tracing::info!(workload = %id, "workload unenrolled");
         }
         let capture = Arc::try_unwrap(self.capture)
             .map_err(|_| anyhow::anyhow!("capture still in use at shutdown"))?;

@@ -17,6 +17,7 @@ use crate::{
     audit::{self, AuditLog, AuditRecord, Event},
     identity::SpiffeId,
     metrics::{ActiveConnection, HandshakeFailure, Metrics},
+    pod::PodContext,
     policy::{Decision, Engine, PolicySet, Request},
     proxy::relay::{RelayStats, relay},
     workloads::Workload,
@@ -48,9 +49,15 @@ pub struct Connection {
 
 impl Connection {
     fn request(&self) -> Request<'_> {
+        self.request_to(&self.workload)
+    }
+
+    /// The same connection, as if it were for `workload` (the destination
+    /// pod's current spec, after a label change).
+    fn request_to<'a>(&'a self, workload: &'a Workload) -> Request<'a> {
         Request {
             source: self.source.as_ref(),
-            destination: self.workload.as_ref().into(),
+            destination: workload.into(),
             port: self.dst.port(),
         }
     }
@@ -147,13 +154,15 @@ impl Gate {
         self.audit.record(record);
     }
 
-    /// Relays an allowed connection until both sides close or a newly
-    /// published policy no longer allows it, counts it as active meanwhile,
-    /// and records its close. Returns the relay's outcome and the reason it
-    /// ended.
+    /// Relays an allowed connection to `pod` until both sides close, a
+    /// newly published policy or a change of the pod's labels no longer
+    /// allows it, or the pod is released; counts it as active meanwhile,
+    /// and records its close. Returns the relay's outcome and the reason
+    /// it ended.
     pub async fn relay<A, B>(
         &self,
         conn: &Connection,
+        pod: &PodContext,
         downstream: &mut A,
         upstream: &mut B,
     ) -> (RelayStats, std::io::Result<()>, String)
@@ -162,13 +171,21 @@ impl Gate {
         B: AsyncRead + AsyncWrite + Unpin + ?Sized,
     {
         let _active: ActiveConnection = self.metrics.connection_active(conn.direction);
+        // Biased: when the pod is released, its tunnel connections are torn
+        // down too, and the relay's resulting error must not hide why.
         let (stats, result, reason) = tokio::select! {
-            (stats, result) = relay(downstream, upstream) => (stats, result, "closed".to_owned()),
-            revoked = self.revoked(conn) => (
+            biased;
+            () = pod.released() => (
+                RelayStats::default(),
+                Ok(()),
+                "closed: the workload was released".to_owned(),
+            ),
+            revoked = self.revoked(conn, pod) => (
                 RelayStats::default(),
                 Ok(()),
                 format!("closed: the policy no longer allows it ({})", revoked.reason),
             ),
+            (stats, result) = relay(downstream, upstream) => (stats, result, "closed".to_owned()),
         };
         self.closed(conn, &stats, &reason);
         (stats, result, reason)
@@ -180,25 +197,45 @@ impl Gate {
         let mut record = conn.record(Event::Close, audit::Decision::Allow, reason);
         record.bytes_sent = Some(stats.sent);
         record.bytes_received = Some(stats.received);
-        record.duration_ms = Some(stats.duration.as_millis() as u64);
+        record.duration_ms = Some(u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX));
         self.audit.record(record);
     }
 
-    /// Resolves when a newly published policy set no longer allows `conn`
-    /// (never, when closing on policy change is off).
-    async fn revoked(&self, conn: &Connection) -> Decision {
+    /// Resolves when a newly published policy set, or the destination
+    /// pod's new labels, no longer allow `conn` (never, when closing on
+    /// policy change is off).
+    async fn revoked(&self, conn: &Connection, pod: &PodContext) -> Decision {
+        if !self.close_on_policy_change {
+            return std::future::pending().await;
+        }
         let mut sets = self.sets.clone();
         sets.mark_unchanged();
+        let mut states = pod.watch_state();
+        states.mark_unchanged();
         loop {
-            if sets.changed().await.is_err() {
-                return std::future::pending().await;
+            tokio::select! {
+                changed = sets.changed() => if changed.is_err() {
+                    return std::future::pending().await;
+                },
+                changed = states.changed() => if changed.is_err() {
+                    return std::future::pending().await;
+                },
             }
-            if !self.close_on_policy_change {
-                continue;
-            }
-            let decision = sets.borrow().evaluate(&conn.request());
+            let spec = Arc::clone(&states.borrow_and_update().spec);
+            let decision = if conn.source.is_none() && !spec.permissive() {
+                Decision {
+                    allowed: false,
+                    policy: None,
+                    rule: None,
+                    reason: "plaintext to a workload that is now strict mTLS".to_owned(),
+                }
+            } else {
+                sets.borrow_and_update().evaluate(&conn.request_to(&spec))
+            };
             if !decision.allowed {
-                self.record_decision(conn, &decision);
+                let mut now = conn.clone();
+                now.workload = spec;
+                self.record_decision(&now, &decision);
                 return decision;
             }
         }
@@ -207,7 +244,9 @@ impl Gate {
 
 /// Seconds since the epoch, for the SVID expiry gauge.
 pub fn unix_seconds(at: SystemTime) -> i64 {
-    at.duration_since(SystemTime::UNIX_EPOCH)
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
-        .as_secs() as i64
+        .as_secs();
+    i64::try_from(secs).unwrap_or(i64::MAX)
 }

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;
+pub mod pod;
 pub mod policy;
 pub mod preflight;
 pub mod proxy;

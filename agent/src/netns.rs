@@ -8,7 +8,7 @@
 use std::{
     fs::File,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, IntoRawFd},
     path::{Path, PathBuf},
     sync::mpsc,
@@ -141,6 +141,33 @@ impl Netns {
         // SAFETY: the fd comes from a socket we own and hand over exactly once.
         let socket = unsafe { tokio::net::TcpSocket::from_raw_fd(socket.into_raw_fd()) };
         Ok(socket.connect(dst).await?)
+    }
+}
+
+impl Netns {
+    /// Every address configured in the namespace but loopback: link-local
+    /// and secondary addresses included, as inbound capture must cover them.
+    pub fn local_addresses(&self) -> Result<Vec<IpAddr>> {
+        self.run_blocking(|| -> nix::Result<Vec<IpAddr>> {
+            let mut found = Vec::new();
+            for interface in nix::ifaddrs::getifaddrs()? {
+                let Some(addr) = interface.address else {
+                    continue;
+                };
+                let ip = if let Some(v4) = addr.as_sockaddr_in() {
+                    IpAddr::V4(v4.ip())
+                } else if let Some(v6) = addr.as_sockaddr_in6() {
+                    IpAddr::V6(v6.ip())
+                } else {
+                    continue;
+                };
+                if !ip.is_loopback() && !found.contains(&ip) {
+                    found.push(ip);
+                }
+            }
+            Ok(found)
+        })?
+        .with_context(|| format!("listing the addresses in {}", self.path.display()))
     }
 }
 

@@ -113,6 +113,19 @@ pub fn cgroup_dir(explicit: Option<&Path>) -> Result<PathBuf, PreflightError> {
 
 /// First cgroup2 mount point listed in /proc/self/mountinfo.
 pub fn cgroup2_mount() -> Result<Option<PathBuf>, PreflightError> {
+    Ok(cgroup2_mount_and_root()?.map(|m| m.mount_point))
+}
+
+/// A cgroup2 mount: where it is, and which cgroup its root directory is
+/// (as a path in this process's cgroup namespace).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Cgroup2Mount {
+    pub mount_point: PathBuf,
+    pub root: PathBuf,
+}
+
+/// First cgroup2 mount listed in /proc/self/mountinfo.
+pub fn cgroup2_mount_and_root() -> Result<Option<Cgroup2Mount>, PreflightError> {
     let path = Path::new("/proc/self/mountinfo");
     let info = fs::read_to_string(path).map_err(|source| PreflightError::Io {
         path: path.into(),
@@ -121,12 +134,18 @@ pub fn cgroup2_mount() -> Result<Option<PathBuf>, PreflightError> {
     Ok(info.lines().find_map(parse_cgroup2_mountinfo_line))
 }
 
-/// Mount point of a mountinfo line whose filesystem type is cgroup2.
-fn parse_cgroup2_mountinfo_line(line: &str) -> Option<PathBuf> {
+/// The mount of a mountinfo line whose filesystem type is cgroup2.
+fn parse_cgroup2_mountinfo_line(line: &str) -> Option<Cgroup2Mount> {
     // Fields: id parent major:minor root mountpoint opts [optional...] - fstype source superopts
     let (left, right) = line.split_once(" - ")?;
     let fstype = right.split_whitespace().next()?;
-    (fstype == "cgroup2").then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    if fstype != "cgroup2" {
+        return None;
+    }
+    let mut fields = left.split_whitespace().skip(3);
+    let root = PathBuf::from(fields.next()?);
+    let mount_point = PathBuf::from(fields.next()?);
+    Some(Cgroup2Mount { mount_point, root })
 }
 
 /// Verifies that the pin directory is (or will be, once created) on bpffs.
@@ -150,14 +169,22 @@ mod tests {
         let v1 = "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu";
         let v2 = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
         let tagged = "41 31 0:38 / /mnt/cg rw shared:9 master:2 - cgroup2 none rw";
+        let mount = |point: &str, root: &str| {
+            Some(Cgroup2Mount {
+                mount_point: point.into(),
+                root: root.into(),
+            })
+        };
         assert_eq!(parse_cgroup2_mountinfo_line(v1), None);
         assert_eq!(
             parse_cgroup2_mountinfo_line(v2),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            mount("/sys/fs/cgroup/unified", "/")
         );
+        assert_eq!(parse_cgroup2_mountinfo_line(tagged), mount("/mnt/cg", "/"));
+        let container = "41 31 0:38 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw";
         assert_eq!(
-            parse_cgroup2_mountinfo_line(tagged),
-            Some(PathBuf::from("/mnt/cg"))
+            parse_cgroup2_mountinfo_line(container),
+            mount("/sys/fs/cgroup", "/kubepods/pod1")
         );
     }
 

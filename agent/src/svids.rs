@@ -6,13 +6,13 @@
 //! then (fail closed): a pod is captured before its identity is ready.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result};
-use tokio::sync::watch;
+use tokio::{sync::watch, task::AbortHandle};
 
 use crate::{
     ca_service::CaClient,
@@ -62,7 +62,19 @@ pub struct SvidStore {
     source: Arc<IdentitySource>,
     bundles: Arc<TrustBundles>,
     on_rotate: OnRotate,
-    watches: Mutex<HashMap<SpiffeId, SvidWatch>>,
+    watches: Mutex<HashMap<SpiffeId, Held>>,
+}
+
+/// One identity's SVID and the task that keeps it fresh.
+struct Held {
+    svid: SvidWatch,
+    renewal: AbortHandle,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
 }
 
 /// Retry delays after a failed fetch, capped.
@@ -84,36 +96,66 @@ impl SvidStore {
         Arc::clone(&self.bundles)
     }
 
+    fn lock(&self) -> MutexGuard<'_, HashMap<SpiffeId, Held>> {
+        // Entries are inserted and removed whole: consistent after a panic.
+        self.watches.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Every SVID currently held (for /certs and the expiry gauge).
     pub fn current(&self) -> Vec<Arc<Svid>> {
-        let watches = self.watches.lock().expect("svid store lock");
-        watches
+        self.lock()
             .values()
-            .filter_map(|w| w.borrow().clone())
+            .filter_map(|held| held.svid.borrow().clone())
             .collect()
     }
 
     /// Whether `id` has an SVID yet.
     pub fn has(&self, id: &SpiffeId) -> bool {
-        let watches = self.watches.lock().expect("svid store lock");
-        watches.get(id).is_some_and(|w| w.borrow().is_some())
+        self.lock()
+            .get(id)
+            .is_some_and(|held| held.svid.borrow().is_some())
     }
 
     /// The live SVID of `id`, starting its fetch-and-renew task on first use.
     pub fn watch(&self, id: &SpiffeId) -> SvidWatch {
-        let mut watches = self.watches.lock().expect("svid store lock");
+        let mut watches = self.lock();
         if let Some(existing) = watches.get(id) {
-            return existing.clone();
+            return existing.svid.clone();
         }
         let (tx, rx) = watch::channel(None);
-        watches.insert(id.clone(), rx.clone());
-        tokio::spawn(keep_fresh(
+        let renewal = tokio::spawn(keep_fresh(
             Arc::clone(&self.source),
             id.clone(),
             tx,
             Arc::clone(&self.on_rotate),
-        ));
+        ))
+        .abort_handle();
+        watches.insert(
+            id.clone(),
+            Held {
+                svid: rx.clone(),
+                renewal,
+            },
+        );
         rx
+    }
+
+    /// Forgets every identity not in `in_use` (no enrolled pod has it any
+    /// more): its SVID is dropped (the key zeroized) and its renewal stops.
+    /// Returns the identities released.
+    pub fn retain(&self, in_use: &HashSet<SpiffeId>) -> Vec<SpiffeId> {
+        let mut released = Vec::new();
+        self.lock().retain(|id, _| {
+            let keep = in_use.contains(id);
+            if !keep {
+                released.push(id.clone());
+            }
+            keep
+        });
+        for id in &released {
+            tracing::info!(spiffe_id = %id, "svid released: no enrolled workload uses it");
+        }
+        released
     }
 }
 
@@ -150,7 +192,8 @@ async fn keep_fresh(
             }
             Err(e) => {
                 tracing::warn!(spiffe_id = %id, error = %format!("{e:#}"),
-                    retry_in_ms = retry.as_millis() as u64, "cannot obtain svid");
+                    retry_in_ms = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
+                    "cannot obtain svid");
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(RETRY_MAX);
             }

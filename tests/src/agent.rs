@@ -21,6 +21,12 @@ pub struct WorkloadEntry {
     pub enrolled: bool,
     /// Labelled `ambit.dev/mtls-mode: permissive` (plaintext allowed in).
     pub permissive: bool,
+    /// Labels besides `app`, `ambit.dev/mesh` and the mTLS mode; an `app`
+    /// here replaces the default (the pod's name).
+    pub labels: Vec<(String, String)>,
+    /// The network namespace to list instead of the pod's own (to show how
+    /// the agent handles one it cannot open).
+    pub netns_override: Option<PathBuf>,
 }
 
 impl WorkloadEntry {
@@ -32,7 +38,15 @@ impl WorkloadEntry {
             service_account: pod.name.clone(),
             enrolled: true,
             permissive: false,
+            labels: Vec::new(),
+            netns_override: None,
         }
+    }
+
+    /// The same pod with one more label (or `app` replaced).
+    pub fn with_label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
     }
 
     /// A pod labelled `ambit.dev/mesh: disabled`.
@@ -273,12 +287,19 @@ fn workloads_doc(node: &str, entries: &[WorkloadEntry]) -> Value {
             if e.permissive {
                 labels["ambit.dev/mtls-mode"] = json!("permissive");
             }
+            for (key, value) in &e.labels {
+                labels[key] = json!(value);
+            }
+            let netns = e
+                .netns_override
+                .clone()
+                .unwrap_or_else(|| e.pod.netns_path());
             json!({
                 "name": e.pod.name,
                 "namespace": e.namespace,
                 "serviceAccount": e.service_account,
                 "labels": labels,
-                "netns": e.pod.netns_path(),
+                "netns": netns,
                 "ips": [e.pod.ipv4.to_string(), e.pod.ipv6.to_string()],
                 "node": format!("node{}", e.pod.node),
             })

@@ -401,7 +401,8 @@ fn plaintext_into_a_strict_pod_is_refused_and_a_permissive_pod_lets_it_in() -> R
     let mut permissive = entries(&s.a, &s.b, &s.c, &s.s);
     permissive[1].permissive = true;
     s.tb.write_workloads(0, &permissive)?;
-    s.agent.wait_for_records("workload enrolled", 3, secs(10))?;
+    s.agent
+        .wait_for_records("workload updated in place", 1, secs(10))?;
     assert_eq!(s.tb.curl(&s.c, &url)?, (0, BODY.to_string()));
     let allowed =
         s.agent

@@ -25,8 +25,9 @@ use super::{
 };
 use crate::{
     identity::{
-        CaError, CertificateAuthority, DEFAULT_SVID_TTL, MAX_SVID_TTL, MIN_SVID_TTL, SpiffeId,
-        SpiffeIdError, SvidCertificate, TrustBundles, TrustDomain, peer_spiffe_id, server_config,
+        AcceptedClients, CaError, CertificateAuthority, DEFAULT_SVID_TTL, MAX_SVID_TTL,
+        MIN_SVID_TTL, SpiffeId, SpiffeIdError, SvidCertificate, TrustBundles, TrustDomain,
+        peer_spiffe_id, server_config,
     },
     workloads::{NodeWorkloads, file},
 };
@@ -388,7 +389,8 @@ fn serving_config(
             source,
         })?;
     // TLS 1.3 only, ring provider, SPIFFE client verifier, no resumption.
-    let mut tls = server_config(&svid, bundles.clone()).map_err(CaServerError::Tls)?;
+    let mut tls =
+        server_config(&svid, bundles.clone(), AcceptedClients::Any).map_err(CaServerError::Tls)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     Ok((tls, svid.renew_at()))
 }

@@ -28,8 +28,8 @@ use super::{
     *,
 };
 use crate::identity::{
-    CertificateAuthority, PeerRole, SpiffeServerVerifier, Svid, TrustBundles, client_config,
-    crypto_provider, server_config, verify_svid,
+    AcceptedClients, CertificateAuthority, PeerRole, SpiffeServerVerifier, Svid, TrustBundles,
+    client_config, crypto_provider, server_config, verify_svid,
 };
 
 const DIRECTORY: &str = "\
@@ -344,7 +344,7 @@ async fn node_obtains_an_svid_for_its_workload() {
         .request_svid(&peer_id, None)
         .await
         .unwrap();
-    let server_cfg = server_config(&peer, client.bundles()).unwrap();
+    let server_cfg = server_config(&peer, client.bundles(), AcceptedClients::Workloads).unwrap();
     let client_cfg = client_config(&svid, client.bundles(), vec![peer_id.clone()]).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -531,7 +531,7 @@ async fn client_accepts_only_the_ca_identity() {
         .issue_svid(&workload("default", "sa-b"), None)
         .unwrap();
     let ca = serve(tmp, server);
-    let mut tls = server_config(&impostor, ca.bundles()).unwrap();
+    let mut tls = server_config(&impostor, ca.bundles(), AcceptedClients::Any).unwrap();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

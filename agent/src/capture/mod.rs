@@ -4,6 +4,7 @@
 
 mod inbound;
 mod log_pump;
+mod own_cgroup;
 mod programs;
 
 use std::{
@@ -11,12 +12,12 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
     path::Path,
-    sync::Mutex,
+    sync::{Mutex, PoisonError},
 };
 
 use ambit_common::{
-    AF_INET, ClientKey, IpWords, MAP_ENROLLED, MAP_INBOUND_IPS, MAP_INBOUND_LISTENERS,
-    MAP_ORIG_DST, OriginalDst,
+    AF_INET, ClientKey, IpWords, MAP_ENROLLED, MAP_INBOUND_LISTENERS, MAP_ORIG_DST, MAP_POD_ADDRS,
+    OriginalDst,
 };
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, SockHash};
@@ -49,17 +50,17 @@ impl Capture {
             ebpf.take_map(MAP_ORIG_DST)
                 .context("eBPF object has no original-destination map")?,
         )?;
-        let inbound = InboundCapture {
-            ips: HashMap::try_from(
-                ebpf.take_map(MAP_INBOUND_IPS)
-                    .context("eBPF object has no inbound address map")?,
+        let inbound = InboundCapture::new(
+            HashMap::try_from(
+                ebpf.take_map(MAP_POD_ADDRS)
+                    .context("eBPF object has no pod address map")?,
             )?,
-            listeners: SockHash::try_from(
+            SockHash::try_from(
                 ebpf.take_map(MAP_INBOUND_LISTENERS)
                     .context("eBPF object has no inbound listener map")?,
             )?,
-            pin_dir: programs.pin_dir().to_path_buf(),
-        };
+            programs.pin_dir().to_path_buf(),
+        );
         Ok(Self {
             enrolled: Mutex::new(enrolled),
             orig_dst: Mutex::new(orig_dst),
@@ -67,35 +68,55 @@ impl Capture {
         })
     }
 
-    /// Steers inbound connections to `ips` inside the pod's netns to
-    /// `listener` (the pod's plaintext-capture listener).
+    /// Steers inbound connections to the pod's local `addresses` (every one
+    /// but loopback) to `listener`, its plaintext-capture listener, which
+    /// must stay open until [`release_inbound`](Self::release_inbound).
     pub fn capture_inbound(
         &self,
         netns_path: &Path,
         netns_cookie: u64,
-        ips: &[IpAddr],
+        addresses: &[IpAddr],
+        permissive: bool,
         listener: &impl AsRawFd,
     ) -> Result<()> {
-        let mut guard = self.inbound.lock().expect("inbound lock");
+        let mut guard = self.lock_inbound();
         let (programs, inbound) = &mut *guard;
         inbound.attach(
             programs.inbound_program()?,
             netns_path,
             netns_cookie,
-            ips,
-            listener,
+            addresses,
+            permissive,
+            listener.as_raw_fd(),
         )
     }
 
-    pub fn release_inbound(&self, netns_cookie: u64, ips: &[IpAddr]) -> Result<()> {
-        let mut guard = self.inbound.lock().expect("inbound lock");
-        guard.1.detach(netns_cookie, ips)
+    /// Updates a captured pod's addresses and mode in place.
+    pub fn update_inbound(
+        &self,
+        netns_cookie: u64,
+        addresses: &[IpAddr],
+        permissive: bool,
+    ) -> Result<()> {
+        self.lock_inbound()
+            .1
+            .update(netns_cookie, addresses, permissive)
+    }
+
+    pub fn release_inbound(&self, netns_cookie: u64) -> Result<()> {
+        self.lock_inbound().1.detach(netns_cookie)
+    }
+
+    fn lock_inbound(&self) -> std::sync::MutexGuard<'_, (LoadedPrograms, InboundCapture)> {
+        // Every update leaves the maps consistent with the claims it
+        // recorded, so a holder's panic leaves nothing half-done.
+        self.inbound.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn enroll(&self, netns_cookie: u64) -> Result<()> {
         self.enrolled
             .lock()
-            .expect("enrollment map lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(netns_cookie, 1, 0)
             .context("adding a namespace to the enrollment map")
     }
@@ -104,7 +125,7 @@ impl Capture {
         match self
             .enrolled
             .lock()
-            .expect("enrollment map lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .remove(&netns_cookie)
         {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
@@ -114,7 +135,7 @@ impl Capture {
 
     /// Cookies currently in the (possibly inherited) enrollment map.
     pub fn enrolled_cookies(&self) -> Vec<u64> {
-        let map = self.enrolled.lock().expect("enrollment map lock");
+        let map = self.enrolled.lock().unwrap_or_else(PoisonError::into_inner);
         map.keys().filter_map(Result::ok).collect()
     }
 
@@ -122,7 +143,7 @@ impl Capture {
     /// outbound listener of the namespace `netns_cookie` from `client`.
     pub fn take_original_dst(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
         let key = client_key(netns_cookie, client);
-        let mut map = self.orig_dst.lock().expect("orig dst map lock");
+        let mut map = self.orig_dst.lock().unwrap_or_else(PoisonError::into_inner);
         let dst = map.get(&key, 0).ok()?;
         // The sock_ops program also deletes it at close; whoever is first wins.
         let _ = map.remove(&key);
@@ -130,15 +151,16 @@ impl Capture {
     }
 
     /// Removes inbound capture a previous agent left for pods that are gone.
-    pub fn forget_stale_inbound(&self, live_cookies: &HashSet<u64>, live_ips: &[IpAddr]) {
-        let live_ips = live_ips.iter().map(|ip| inbound::ip_words(*ip)).collect();
-        let mut guard = self.inbound.lock().expect("inbound lock");
-        guard.1.forget_stale(live_cookies, &live_ips);
+    pub fn forget_stale_inbound(&self, live_cookies: &HashSet<u64>) {
+        self.lock_inbound().1.forget_stale(live_cookies);
     }
 
     /// Detaches the programs and removes every pin (for `--cleanup-on-exit`).
     pub fn remove_pins(self) -> Result<()> {
-        let (programs, _) = self.inbound.into_inner().expect("inbound lock");
+        let (programs, _) = self
+            .inbound
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
         programs.remove_pins()
     }
 }

@@ -6,7 +6,7 @@ use std::{
 };
 
 use ambit_common::{
-    GLOBAL_INBOUND_CAPTURE_PORT, GLOBAL_OUTBOUND_PORT, GLOBAL_SOCKET_MARK, GLOBAL_TUNNEL_PORT,
+    GLOBAL_AGENT_CGROUP, GLOBAL_INBOUND_CAPTURE_PORT, GLOBAL_OUTBOUND_PORT, GLOBAL_TUNNEL_PORT,
     INBOUND_CAPTURE_PORT, TUNNEL_PORT,
 };
 use anyhow::{Context, Result};
@@ -16,7 +16,7 @@ use aya::{
 };
 use tokio::task::JoinHandle;
 
-use super::log_pump;
+use super::{log_pump, own_cgroup::own_cgroup_id};
 use crate::{config::CaptureConfig, preflight};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-capture"));
@@ -47,10 +47,11 @@ impl LoadedPrograms {
         fs::create_dir_all(&pin_dir)
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
 
+        let agent_cgroup = own_cgroup_id()?;
         let log_level = log_pump::kernel_log_level();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
-            .override_global(GLOBAL_SOCKET_MARK, &config.socket_mark, true)
+            .override_global(GLOBAL_AGENT_CGROUP, &agent_cgroup, true)
             .override_global(GLOBAL_OUTBOUND_PORT, &config.outbound_port, true)
             .override_global(GLOBAL_INBOUND_CAPTURE_PORT, &INBOUND_CAPTURE_PORT, true)
             .override_global(GLOBAL_TUNNEL_PORT, &TUNNEL_PORT, true)
@@ -87,7 +88,7 @@ impl LoadedPrograms {
         tracing::info!(
             cgroup = %cgroup_dir.display(),
             pin_dir = %pin_dir.display(),
-            mark = format_args!("{:#x}", config.socket_mark),
+            agent_cgroup,
             "capture programs attached"
         );
         Ok(Self {

@@ -21,6 +21,6 @@ pub use spiffe_id::{
 };
 pub use tls::{client_config, crypto_provider, server_config};
 pub use verifier::{
-    PeerRole, SpiffeClientVerifier, SpiffeServerVerifier, SvidError, TrustBundles,
+    AcceptedClients, PeerRole, SpiffeClientVerifier, SpiffeServerVerifier, SvidError, TrustBundles,
     handshake_failure_reason, peer_spiffe_id, svid_error_of, verify_svid,
 };

@@ -620,7 +620,7 @@ impl Mesh {
         Arc::new(self.d.bundles.clone())
     }
     fn server(&self) -> ServerConfig {
-        server_config(&self.db, self.bundles()).unwrap()
+        server_config(&self.db, self.bundles(), AcceptedClients::Workloads).unwrap()
     }
     fn client(&self, expected: Vec<SpiffeId>) -> ClientConfig {
         client_config(&self.web, self.bundles(), expected).unwrap()
@@ -771,4 +771,24 @@ async fn tunnel_configs_disable_resumption() {
             Some(rustls::HandshakeKind::Full)
         );
     }
+}
+
+#[tokio::test]
+async fn tunnel_servers_refuse_a_node_credential_that_the_ca_service_accepts() {
+    let m = mesh();
+    let node_id = SpiffeId::parse("spiffe://cluster.local/ambit/node/node0").unwrap();
+    let node = m.d.ca.issue_svid(&node_id, None).unwrap();
+    let client = || client_config(&node, m.bundles(), vec![db_id()]).unwrap();
+
+    let out = handshake(client(), m.server()).await;
+    let err = out.server.unwrap_err();
+    assert!(
+        matches!(svid_error(&err), Some(SvidError::NotAWorkload(id)) if *id == node_id),
+        "{err}"
+    );
+    assert!(out.client.is_err());
+
+    let any = server_config(&m.db, m.bundles(), AcceptedClients::Any).unwrap();
+    let out = handshake(client(), any).await;
+    assert_eq!(out.server.unwrap(), node_id);
 }

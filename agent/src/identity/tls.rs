@@ -15,7 +15,7 @@ use rustls::{
 use super::{
     ca::Svid,
     spiffe_id::SpiffeId,
-    verifier::{SpiffeClientVerifier, SpiffeServerVerifier, TrustBundles},
+    verifier::{AcceptedClients, SpiffeClientVerifier, SpiffeServerVerifier, TrustBundles},
 };
 
 /// The one crypto provider Ambit uses, always passed explicitly so nothing
@@ -24,16 +24,18 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Server side of a tunnel (the inbound 15008 listener): presents `svid`
-/// and requires a client SVID that verifies against `bundles`. ALPN is h2
+/// Server side of a tunnel (the inbound 15008 listener) or of the CA
+/// service: presents `svid` and requires a client SVID that verifies
+/// against `bundles` and names an identity `accepted` allows. ALPN is h2
 /// (HBONE).
 pub fn server_config(
     svid: &Svid,
     bundles: Arc<TrustBundles>,
+    accepted: AcceptedClients,
 ) -> Result<ServerConfig, rustls::Error> {
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&TLS13])?
-        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundles)))
+        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundles, accepted)))
         .with_single_cert(
             svid.chain().to_vec(),
             svid.key().private_key_der().clone_key(),

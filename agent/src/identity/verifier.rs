@@ -73,6 +73,11 @@ pub enum SvidError {
     },
     #[error("the peer is {got}, but only {expected} may serve this destination")]
     UnexpectedPeer { got: SpiffeId, expected: String },
+    #[error(
+        "{0} is not a workload identity (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>); \
+         only workloads may use the tunnel"
+    )]
+    NotAWorkload(SpiffeId),
     #[error("the {trust_domain} bundle root is not a usable trust anchor: {source}")]
     BadTrustAnchor {
         trust_domain: TrustDomain,
@@ -300,16 +305,30 @@ fn tls12_refused() -> rustls::Error {
     rustls::Error::General("TLS 1.2 is refused: Ambit tunnels are TLS 1.3 only".into())
 }
 
-/// Server side: requires a client SVID from any trust domain in the bundles.
-/// Read the verified ID after the handshake with [`peer_spiffe_id`].
+/// Which client identities a server accepts, beyond a chain that verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptedClients {
+    /// Workload SVIDs only (`/ns/NS/sa/SA`): the tunnel. A node's bootstrap
+    /// credential is issued by the same CA, so the chain alone cannot tell
+    /// it apart; without this a node credential would reach applications.
+    Workloads,
+    /// Any SVID of a trusted domain (the CA service, which authorizes by
+    /// node identity itself).
+    Any,
+}
+
+/// Server side: requires a client SVID from any trust domain in the bundles,
+/// naming an identity `accepted` allows. Read the verified ID after the
+/// handshake with [`peer_spiffe_id`].
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     bundles: Arc<TrustBundles>,
+    accepted: AcceptedClients,
 }
 
 impl SpiffeClientVerifier {
-    pub fn new(bundles: Arc<TrustBundles>) -> Self {
-        Self { bundles }
+    pub fn new(bundles: Arc<TrustBundles>, accepted: AcceptedClients) -> Self {
+        Self { bundles, accepted }
     }
 }
 
@@ -333,13 +352,16 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_parts(
+        let id = verify_parts(
             end_entity,
             intermediates,
             &self.bundles,
             now,
             PeerRole::Client,
         )?;
+        if self.accepted == AcceptedClients::Workloads && id.service_account().is_none() {
+            return Err(SvidError::NotAWorkload(id).into());
+        }
         Ok(ClientCertVerified::assertion())
     }
 

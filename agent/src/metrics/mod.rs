@@ -50,6 +50,7 @@ pub struct Metrics {
     /// SPIFFE IDs currently in `svid_expiry`, to remove the ones that leave.
     svid_ids: Mutex<HashSet<String>>,
     enrolled_workloads: IntGauge,
+    workloads_not_captured: IntGauge,
     policy_reload_rejections: IntCounter,
     decision_cache_hits: IntCounter,
     decision_cache_misses: IntCounter,
@@ -113,6 +114,11 @@ impl Metrics {
                 &registry,
                 "ambit_enrolled_workloads",
                 "Workloads on this node currently enrolled in the mesh.",
+            ),
+            workloads_not_captured: gauge(
+                &registry,
+                "ambit_workloads_not_captured",
+                "Enrolled workloads on this node whose capture failed (retried; see /readyz).",
             ),
             policy_reload_rejections: counter(
                 &registry,
@@ -188,6 +194,11 @@ impl Metrics {
 
     pub fn set_enrolled_workloads(&self, count: usize) {
         self.enrolled_workloads
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_workloads_not_captured(&self, count: usize) {
+        self.workloads_not_captured
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 

@@ -1,89 +1,101 @@
 //! Inbound plaintext: connections to an enrolled pod that did not come
 //! through the tunnel, handed to the agent by the sk_lookup program.
-//! Strict pods refuse them with a reset; permissive pods let them through.
+//! Strict pods refuse them with a reset; permissive pods let them through
+//! if policy allows (with no source identity).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::dial::{dial, unmapped};
+use super::{
+    dial::{dial, unmapped},
+    loop_guard,
+};
 use crate::{
     audit,
     gate::{Connection, Gate},
-    identity::SpiffeId,
-    netns::Netns,
-    workloads::Workload,
+    pod::PodContext,
 };
 
 /// Why strict workloads refuse plaintext.
 const STRICT_REASON: &str = "plaintext from outside the mesh to a strict mTLS workload";
 
 pub struct PlaintextContext {
-    pub workload: String,
-    pub spec: Arc<Workload>,
-    pub identity: SpiffeId,
+    pub pod: Arc<PodContext>,
     pub gate: Arc<Gate>,
-    pub netns: Arc<Netns>,
-    pub socket_mark: u32,
-    pub connect_timeout: Duration,
-    pub permissive: bool,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PlaintextContext>) {
-    super::accept_loop(listener, &ctx.workload, |stream, peer| {
+    super::accept_loop(listener, &ctx.pod.id, |stream, peer| {
         handle(stream, peer, Arc::clone(&ctx))
     })
     .await;
 }
 
 async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PlaintextContext>) {
+    let pod = &ctx.pod;
     let peer = unmapped(peer);
     // sk_lookup does not rewrite addresses: the local end is what the peer dialled.
     let Ok(dst) = stream.local_addr().map(unmapped) else {
         return;
     };
+    let state = pod.state();
     let conn = Connection {
         direction: audit::Direction::Inbound,
         source: None,
         source_addr: peer,
-        workload: Arc::clone(&ctx.spec),
-        workload_id: Some(ctx.identity.clone()),
+        workload: Arc::clone(&state.spec),
+        workload_id: Some(state.identity.clone()),
         dst,
         tls_version: None,
         peer_cert_serial: None,
     };
-    let refusal = if ctx.permissive {
+    let refusal = if !state.spec.permissive() {
+        ctx.gate.deny(&conn, STRICT_REASON);
+        Some(STRICT_REASON.to_owned())
+    } else if let Some(reason) = loop_guard::refusal(dst, pod.dial.agent_ports) {
+        ctx.gate.deny(&conn, reason);
+        Some(reason.to_owned())
+    } else {
         // Permissive only lifts the mTLS requirement: policy still decides,
         // with no source identity.
         let decision = ctx.gate.decide(&conn);
         (!decision.allowed).then(|| decision.reason.clone())
-    } else {
-        ctx.gate.deny(&conn, STRICT_REASON);
-        Some(STRICT_REASON.to_owned())
     };
     if let Some(reason) = refusal {
-        tracing::info!(workload = %ctx.workload, src = %peer, dst = %dst, reason = %reason,
+        tracing::info!(workload = %pod.id, src = %peer, dst = %dst, reason = %reason,
             "inbound plaintext denied");
         // A reset, not a clean close: the client must not mistake a refusal
         // for an empty response.
         let _ = stream.set_zero_linger();
         return;
     }
-    tracing::info!(workload = %ctx.workload, src = %peer, dst = %dst,
+    tracing::info!(workload = %pod.id, src = %peer, dst = %dst,
         "inbound plaintext allowed (permissive)");
     let mut downstream = stream;
-    let mut upstream = match dial(&ctx.netns, dst, ctx.socket_mark, ctx.connect_timeout).await {
+    let settings = pod.dial;
+    let mut upstream = match dial(
+        &pod.netns,
+        dst,
+        settings.socket_mark,
+        settings.connect_timeout,
+    )
+    .await
+    {
         Ok(upstream) => upstream,
         Err(e) => {
-            tracing::info!(workload = %ctx.workload, %dst, error = %e,
-                "inbound plaintext failed: application unreachable");
+            tracing::info!(workload = %pod.id, %dst, error = %e,
+                    "inbound plaintext failed: application unreachable");
             return;
         }
     };
-    let (stats, result, reason) = ctx.gate.relay(&conn, &mut downstream, &mut upstream).await;
-    tracing::info!(workload = %ctx.workload, src = %peer, %dst, reason,
+    let (stats, result, reason) = ctx
+        .gate
+        .relay(&conn, pod, &mut downstream, &mut upstream)
+        .await;
+    tracing::info!(workload = %pod.id, src = %peer, %dst, reason,
         bytes_sent = stats.sent, bytes_received = stats.received,
-        duration_ms = stats.duration.as_millis() as u64,
+        duration_ms = u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX),
         error = result.err().map(|e| e.to_string()),
         "inbound plaintext closed");
 }

@@ -3,47 +3,41 @@
 //! never anything it says; each CONNECT stream is relayed to the pod's own
 //! address from inside its netns.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http::StatusCode;
 use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::dial::{dial, unmapped};
+use super::{
+    dial::{dial, unmapped},
+    loop_guard,
+};
 use crate::{
     audit,
     gate::{Connection, Gate},
-    identity::{SpiffeId, TrustBundles, handshake_failure_reason, peer_spiffe_id, server_config},
+    identity::{
+        AcceptedClients, SpiffeId, TrustBundles, handshake_failure_reason, peer_spiffe_id,
+        server_config,
+    },
     metrics::HandshakeFailure,
-    netns::Netns,
-    svids::{SvidWatch, hex},
+    pod::PodContext,
+    svids::hex,
     tunnel::{self, InboundRequest},
-    workloads::Workload,
 };
 
 /// A peer must finish the TLS handshake within this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct TunnelContext {
-    pub workload: String,
-    pub spec: Arc<Workload>,
-    pub identity: SpiffeId,
+    pub pod: Arc<PodContext>,
     pub gate: Arc<Gate>,
-    pub ips: Vec<IpAddr>,
-    pub svid: SvidWatch,
     pub bundles: Arc<TrustBundles>,
-    pub netns: Arc<Netns>,
-    pub socket_mark: u32,
-    pub connect_timeout: Duration,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
-    super::accept_loop(listener, &ctx.workload, |stream, peer| {
+    super::accept_loop(listener, &ctx.pod.id, |stream, peer| {
         handle_connection(stream, unmapped(peer), Arc::clone(&ctx))
     })
     .await;
@@ -58,15 +52,16 @@ struct Peer {
 }
 
 async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelContext>) {
-    let Some(svid) = ctx.svid.borrow().clone() else {
-        tracing::info!(workload = %ctx.workload, src = %addr,
+    let state = ctx.pod.state();
+    let Some(svid) = state.svid.borrow().clone() else {
+        tracing::info!(workload = %ctx.pod.id, src = %addr,
             reason = "this workload's SVID is not available yet", "tunnel refused");
         return;
     };
-    let config = match server_config(&svid, Arc::clone(&ctx.bundles)) {
+    let config = match server_config(&svid, Arc::clone(&ctx.bundles), AcceptedClients::Workloads) {
         Ok(config) => config,
         Err(e) => {
-            tracing::error!(workload = %ctx.workload, error = %e, "cannot build the TLS server configuration");
+            tracing::error!(workload = %ctx.pod.id, error = %e, "cannot build the TLS server configuration");
             return;
         }
     };
@@ -77,10 +72,10 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = handshake_failure_reason(&e);
-            tracing::info!(workload = %ctx.workload, src = %addr, reason = %reason, "tls handshake failed");
+            tracing::info!(workload = %ctx.pod.id, src = %addr, reason = %reason, "tls handshake failed");
             ctx.gate.handshake_failed(
                 addr,
-                &ctx.spec,
+                &state.spec,
                 local,
                 HandshakeFailure::from_io(&e),
                 &reason,
@@ -88,10 +83,10 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
             return;
         }
         Err(_) => {
-            tracing::info!(workload = %ctx.workload, src = %addr, reason = "timed out", "tls handshake failed");
+            tracing::info!(workload = %ctx.pod.id, src = %addr, reason = "timed out", "tls handshake failed");
             ctx.gate.handshake_failed(
                 addr,
-                &ctx.spec,
+                &state.spec,
                 local,
                 HandshakeFailure::Timeout,
                 "timed out",
@@ -112,7 +107,7 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
             tls_version: String::new(),
         },
         Err(e) => {
-            tracing::info!(workload = %ctx.workload, src = %addr, reason = %e, "tls handshake failed");
+            tracing::info!(workload = %ctx.pod.id, src = %addr, reason = %e, "tls handshake failed");
             return;
         }
     };
@@ -121,7 +116,7 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
         .and_then(|v| v.as_str())
         .unwrap_or("unknown")
         .to_owned();
-    tracing::info!(workload = %ctx.workload, src = %addr, peer_spiffe_id = %peer.spiffe_id,
+    tracing::info!(workload = %ctx.pod.id, src = %addr, peer_spiffe_id = %peer.spiffe_id,
         peer_cert_serial = %peer.serial, tls_version, "tunnel accepted");
     let peer = Peer {
         tls_version,
@@ -130,44 +125,69 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
     let peer = Arc::new(peer);
     let served = tunnel::serve(tls, |request| {
         tokio::spawn(handle_stream(request, Arc::clone(&peer), Arc::clone(&ctx)));
-    })
-    .await;
-    if let Err(e) = served {
-        tracing::debug!(workload = %ctx.workload, src = %addr, error = %e, "tunnel ended");
+    });
+    // A released pod's tunnels end with it (dropping the connection resets
+    // its streams), so nothing keeps serving a pod that is gone.
+    tokio::select! {
+        served = served => if let Err(e) = served {
+            tracing::debug!(workload = %ctx.pod.id, src = %addr, error = %e, "tunnel ended");
+        },
+        () = ctx.pod.released() => {
+            tracing::info!(workload = %ctx.pod.id, src = %addr, "tunnel closed: the workload was released");
+        }
     }
 }
 
 async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<TunnelContext>) {
     let dst = unmapped(request.target);
-    // A tunnel to this pod reaches this pod only: never an open relay.
-    if !ctx.ips.contains(&dst.ip()) {
-        tracing::info!(workload = %ctx.workload, peer_spiffe_id = %peer.spiffe_id, %dst,
-            reason = "target is not an address of this workload", "inbound connection denied");
-        request.reject(StatusCode::BAD_REQUEST);
-        return;
-    }
+    let pod = &ctx.pod;
+    // The pod as it is now, not as it was when the tunnel opened: a label
+    // change applies to the very next stream.
+    let state = pod.state();
+    // A tunnel to this pod reaches this pod's application only: never an
+    // open relay, never the agent itself.
+    let refusal = if !state.spec.ips.contains(&dst.ip()) {
+        Some("target is not an address of this workload")
+    } else {
+        loop_guard::refusal(dst, pod.dial.agent_ports)
+    };
     let conn = Connection {
         direction: audit::Direction::Inbound,
         source: Some(peer.spiffe_id.clone()),
         source_addr: peer.addr,
-        workload: Arc::clone(&ctx.spec),
-        workload_id: Some(ctx.identity.clone()),
+        workload: Arc::clone(&state.spec),
+        workload_id: Some(state.identity.clone()),
         dst,
         tls_version: Some(peer.tls_version.clone()),
         peer_cert_serial: Some(peer.serial.clone()),
     };
+    if let Some(reason) = refusal {
+        tracing::info!(workload = %pod.id, peer_spiffe_id = %peer.spiffe_id, %dst, reason,
+            "inbound connection denied");
+        ctx.gate.deny(&conn, reason);
+        request.reject(StatusCode::BAD_REQUEST);
+        return;
+    }
     // Policy first: a denied peer never causes a connection to the app.
     let decision = ctx.gate.decide(&conn);
     if !decision.allowed {
-        tracing::info!(workload = %ctx.workload, peer_spiffe_id = %peer.spiffe_id, %dst,
+        tracing::info!(workload = %pod.id, peer_spiffe_id = %peer.spiffe_id, %dst,
             policy = decision.policy.as_deref(), reason = %decision.reason, "inbound connection denied");
         request.reject(StatusCode::FORBIDDEN);
         return;
     }
-    let mut upstream = match dial(&ctx.netns, dst, ctx.socket_mark, ctx.connect_timeout).await {
+    let dial_settings = pod.dial;
+    let mut upstream = match dial(
+        &pod.netns,
+        dst,
+        dial_settings.socket_mark,
+        dial_settings.connect_timeout,
+    )
+    .await
+    {
         Ok(upstream) => upstream,
         Err(e) => {
-            tracing::info!(workload = %ctx.workload, %dst, error = %e,
+            tracing::info!(workload = %pod.id, %dst, error = %e,
                 "inbound connection failed: application unreachable");
             request.reject(StatusCode::SERVICE_UNAVAILABLE);
             return;
@@ -176,21 +196,21 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
     let mut stream = match request.accept() {
         Ok(stream) => stream,
         Err(e) => {
-            tracing::info!(workload = %ctx.workload, %dst, error = %e, "inbound connection failed");
+            tracing::info!(workload = %pod.id, %dst, error = %e, "inbound connection failed");
             return;
         }
     };
-    tracing::info!(workload = %ctx.workload, src = %peer.addr, peer_spiffe_id = %peer.spiffe_id,
+    tracing::info!(workload = %pod.id, src = %peer.addr, peer_spiffe_id = %peer.spiffe_id,
         peer_cert_serial = %peer.serial, %dst, policy = decision.policy.as_deref(),
         "inbound connection accepted");
-    let (stats, result, reason) = ctx.gate.relay(&conn, &mut stream, &mut upstream).await;
+    let (stats, result, reason) = ctx.gate.relay(&conn, pod, &mut stream, &mut upstream).await;
     tracing::info!(
-        workload = %ctx.workload,
+        workload = %pod.id,
         peer_spiffe_id = %peer.spiffe_id,
         %dst,
         bytes_sent = stats.sent,
         bytes_received = stats.received,
-        duration_ms = stats.duration.as_millis() as u64,
+        duration_ms = u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX),
         error = result.err().map(|e| e.to_string()),
         reason,
         "inbound connection closed"

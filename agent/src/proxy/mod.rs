@@ -8,6 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 pub mod dial;
 pub mod inbound_plain;
 pub mod inbound_tunnel;
+pub mod loop_guard;
 pub mod outbound;
 pub mod relay;
 

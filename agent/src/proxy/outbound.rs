@@ -5,7 +5,7 @@
 //! tunnel to its 15008 port, presenting the source pod's SVID and accepting
 //! only the SPIFFE ID expected there. Anything else is passed through.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use ambit_common::TUNNEL_PORT;
 use rustls::pki_types::ServerName;
@@ -21,40 +21,49 @@ use crate::{
     capture::Capture,
     identity::{SpiffeId, client_config, handshake_failure_reason},
     mesh::{Mesh, TunnelKey},
-    netns::Netns,
-    svids::{SvidWatch, hex},
+    pod::{PodContext, PodState},
+    svids::hex,
     tunnel::{HboneClient, TunnelError},
     workloads::directory::Destination,
 };
 
 /// What an outbound listener needs to serve one pod.
 pub struct OutboundContext {
-    pub workload: String,
-    pub identity: SpiffeId,
-    pub svid: SvidWatch,
-    pub netns: Arc<Netns>,
+    pub pod: Arc<PodContext>,
     pub capture: Arc<Capture>,
     pub mesh: Arc<Mesh>,
-    pub socket_mark: u32,
-    pub connect_timeout: Duration,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
-    super::accept_loop(listener, &ctx.workload, |stream, client| {
+    super::accept_loop(listener, &ctx.pod.id, |stream, client| {
         handle(stream, client, Arc::clone(&ctx))
     })
     .await;
 }
 
 async fn handle(downstream: TcpStream, client: SocketAddr, ctx: Arc<OutboundContext>) {
-    let Some(orig_dst) = ctx.capture.take_original_dst(ctx.netns.cookie(), client) else {
+    // A connection is served to its end or until its pod is released,
+    // whichever comes first.
+    let released = ctx.pod.released();
+    tokio::select! {
+        () = serve_connection(downstream, client, &ctx) => {}
+        () = released => tracing::info!(workload = %ctx.pod.id, %client,
+            "outbound connection closed: the workload was released"),
+    }
+}
+
+async fn serve_connection(downstream: TcpStream, client: SocketAddr, ctx: &OutboundContext) {
+    let Some(orig_dst) = ctx
+        .capture
+        .take_original_dst(ctx.pod.netns.cookie(), client)
+    else {
         // Someone dialled the listener directly, or the entry was evicted:
         // without a destination there is nothing safe to do but close.
-        tracing::warn!(workload = %ctx.workload, %client,
+        tracing::warn!(workload = %ctx.pod.id, %client,
             "denied: connection on the outbound listener has no original destination");
         return;
     };
-    tracing::info!(workload = %ctx.workload, %client, %orig_dst, "outbound connection captured");
+    tracing::info!(workload = %ctx.pod.id, %client, %orig_dst, "outbound connection captured");
     // Policy is decided (and audited) on the destination's node; here the
     // connection is only counted.
     let metrics = &ctx.mesh.metrics;
@@ -63,18 +72,25 @@ async fn handle(downstream: TcpStream, client: SocketAddr, ctx: Arc<OutboundCont
     let _ = downstream.set_nodelay(true);
     let destination = ctx.mesh.directory.borrow().lookup(orig_dst.ip());
     match destination {
-        Some(destination) => via_tunnel(downstream, orig_dst, destination, &ctx).await,
-        None => passthrough(downstream, orig_dst, &ctx).await,
+        Some(destination) => via_tunnel(downstream, orig_dst, destination, ctx).await,
+        None => passthrough(downstream, orig_dst, ctx).await,
     }
 }
 
 /// A destination outside the mesh: plain TCP from the pod's netns.
 async fn passthrough(mut downstream: TcpStream, orig_dst: SocketAddr, ctx: &OutboundContext) {
-    let mut upstream = match dial(&ctx.netns, orig_dst, ctx.socket_mark, ctx.connect_timeout).await
+    let settings = ctx.pod.dial;
+    let mut upstream = match dial(
+        &ctx.pod.netns,
+        orig_dst,
+        settings.socket_mark,
+        settings.connect_timeout,
+    )
+    .await
     {
         Ok(upstream) => upstream,
         Err(e) => {
-            tracing::info!(workload = %ctx.workload, %orig_dst, error = %e,
+            tracing::info!(workload = %ctx.pod.id, %orig_dst, error = %e,
                 "outbound connection failed: upstream unreachable");
             return;
         }
@@ -89,10 +105,11 @@ async fn via_tunnel(
     destination: Arc<Destination>,
     ctx: &OutboundContext,
 ) {
-    let client = match tunnel_to(orig_dst, &destination, ctx).await {
+    let state = ctx.pod.state();
+    let client = match tunnel_to(orig_dst, &destination, &state, ctx).await {
         Ok(client) => client,
         Err(reason) => {
-            tracing::info!(workload = %ctx.workload, %orig_dst,
+            tracing::info!(workload = %ctx.pod.id, %orig_dst,
                 peer_spiffe_id = %destination.spiffe_id, reason = %reason,
                 "outbound connection failed: no tunnel");
             return;
@@ -101,7 +118,7 @@ async fn via_tunnel(
     let mut stream = match client.connect(orig_dst).await {
         Ok(stream) => stream,
         Err(e) => {
-            tracing::info!(workload = %ctx.workload, %orig_dst,
+            tracing::info!(workload = %ctx.pod.id, %orig_dst,
                 peer_spiffe_id = %destination.spiffe_id, error = %e,
                 "outbound connection failed: refused by the peer");
             return;
@@ -128,13 +145,13 @@ fn log_closed(
 ) {
     ctx.mesh.metrics.add_bytes(stats.sent, stats.received);
     tracing::info!(
-        workload = %ctx.workload,
+        workload = %ctx.pod.id,
         %orig_dst,
         mode,
         peer_spiffe_id = peer.map(|p| p.as_str()),
         bytes_sent = stats.sent,
         bytes_received = stats.received,
-        duration_ms = stats.duration.as_millis() as u64,
+        duration_ms = u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX),
         error = result.err().map(|e| e.to_string()),
         "outbound connection closed"
     );
@@ -145,17 +162,18 @@ fn log_closed(
 async fn tunnel_to(
     orig_dst: SocketAddr,
     destination: &Destination,
+    state: &PodState,
     ctx: &OutboundContext,
 ) -> Result<HboneClient, String> {
     // Fail closed: no identity yet, no tunnel, and never plaintext instead.
-    let svid = ctx
+    let svid = state
         .svid
         .borrow()
         .clone()
         .ok_or("this workload's SVID is not available yet")?;
     let peer_addr = SocketAddr::new(orig_dst.ip(), TUNNEL_PORT);
     let key = TunnelKey {
-        source: ctx.identity.clone(),
+        source: state.identity.clone(),
         peer_addr,
         peer: destination.spiffe_id.clone(),
     };
@@ -165,8 +183,13 @@ async fn tunnel_to(
         vec![destination.spiffe_id.clone()],
     )
     .map_err(|e| format!("building the TLS client configuration: {e}"))?;
-    let (netns, mark, timeout) = (Arc::clone(&ctx.netns), ctx.socket_mark, ctx.connect_timeout);
-    let (workload, peer) = (ctx.workload.clone(), destination.spiffe_id.clone());
+    let settings = ctx.pod.dial;
+    let (netns, mark, timeout) = (
+        Arc::clone(&ctx.pod.netns),
+        settings.socket_mark,
+        settings.connect_timeout,
+    );
+    let (workload, peer) = (ctx.pod.id.clone(), destination.spiffe_id.clone());
     let connect = move || async move {
         let tcp = dial(&netns, peer_addr, mark, timeout).await?;
         let _ = tcp.set_nodelay(true);

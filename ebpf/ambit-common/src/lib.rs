@@ -4,8 +4,9 @@
 //! BPF map key or value, so both sides must agree on its exact layout.
 #![no_std]
 
-/// Default SO_MARK carried by every socket the agent opens; the programs pass
-/// marked sockets through so the agent's own traffic is never captured again.
+/// Default SO_MARK carried by every socket the agent opens (for the sidecar
+/// mode's netfilter rules). The eBPF programs do not trust it: any process
+/// with CAP_NET_RAW can set a mark; they recognise the agent by its cgroup.
 pub const DEFAULT_SOCKET_MARK: u32 = 0x0a3b;
 /// Port of the outbound listener the agent opens inside each enrolled pod.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -18,10 +19,10 @@ pub const TUNNEL_PORT: u16 = 15008;
 pub const MAP_ENROLLED: &str = "AMBIT_ENROLLED";
 pub const MAP_PENDING: &str = "AMBIT_PENDING";
 pub const MAP_ORIG_DST: &str = "AMBIT_ORIG_DST";
-pub const MAP_INBOUND_IPS: &str = "AMBIT_INBOUND_IPS";
+pub const MAP_POD_ADDRS: &str = "AMBIT_POD_ADDRS";
 pub const MAP_INBOUND_LISTENERS: &str = "AMBIT_INBOUND_LISTENERS";
 /// Names of the globals the agent sets at load time.
-pub const GLOBAL_SOCKET_MARK: &str = "AMBIT_SOCKET_MARK";
+pub const GLOBAL_AGENT_CGROUP: &str = "AMBIT_AGENT_CGROUP";
 pub const GLOBAL_OUTBOUND_PORT: &str = "AMBIT_OUTBOUND_PORT";
 pub const GLOBAL_INBOUND_CAPTURE_PORT: &str = "AMBIT_INBOUND_CAPTURE_PORT";
 pub const GLOBAL_TUNNEL_PORT: &str = "AMBIT_TUNNEL_PORT";
@@ -100,6 +101,19 @@ pub struct ClientKey {
     pub _pad: [u8; 6],
 }
 
+/// [`PodAddress::flags`]: unsolicited UDP from outside may reach the pod.
+pub const POD_ADDRESS_PERMISSIVE: u32 = 1;
+
+/// A local address of an enrolled pod: which pod (its netns cookie), and how
+/// strictly its inbound traffic is captured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodAddress {
+    pub netns_cookie: u64,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
 /// Per-socket state between connect and close, keyed by socket cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -119,4 +133,5 @@ mod pod {
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::PendingConnection {}
+    unsafe impl aya::Pod for super::PodAddress {}
 }

@@ -3,22 +3,25 @@
 //! * `connect4`/`connect6` (cgroup_sock_addr) rewrite the destination of TCP
 //!   connects made inside an enrolled network namespace to the agent's
 //!   outbound listener in that namespace, remembering the original
-//!   destination under the socket's cookie.
+//!   destination under the socket's cookie. The agent's own connects are
+//!   recognised by its cgroup, which a pod cannot join or forge (a socket
+//!   mark can be set by any process with CAP_NET_RAW).
 //! * `sockops` publishes that destination under the client's (netns, address,
 //!   port) once the connection is established, which is what the agent sees
 //!   after accept(), and deletes every trace of the connection when it closes.
-//! * `ambit_inbound` (sk_lookup, attached to each enrolled pod's netns)
-//!   hands connections for the pod's addresses to the agent's plaintext
+//! * `ambit_inbound` (sk_lookup, attached to each enrolled pod's netns only)
+//!   hands every TCP connection from outside the pod, to any local address
+//!   but loopback and any port but the tunnel's, to the agent's plaintext
 //!   capture listener, so nothing reaches the application without the agent
-//!   deciding (strict mTLS); only the tunnel port and the pod's own traffic
-//!   pass untouched.
+//!   deciding (strict mTLS). An address the agent has not placed is refused,
+//!   never passed. Unsolicited UDP from outside a strict pod is dropped.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use ambit_common::{
     AF_INET, AF_INET6, CONNECTION_MAP_CAPACITY, ClientKey, ENROLLED_MAP_CAPACITY,
     INBOUND_CAPTURE_PORT, INBOUND_MAP_CAPACITY, IpWords, OUTBOUND_PORT, OriginalDst,
-    PendingConnection, TUNNEL_PORT,
+    POD_ADDRESS_PERMISSIVE, PendingConnection, PodAddress, TUNNEL_PORT,
 };
 use aya_ebpf::{
     Global,
@@ -27,7 +30,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr,
         sk_action::{SK_DROP, SK_PASS},
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
@@ -40,10 +43,14 @@ const ALLOW: i32 = 1;
 /// Fail the connect with EPERM.
 const DENY: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 const TCP_CLOSE: u32 = 7;
 
+/// The cgroup v2 id of the agent: connects made from it are never captured.
+/// 0 (unset) matches no task, so an agent that failed to set it captures its
+/// own connects and fails closed rather than open.
 #[unsafe(no_mangle)]
-static AMBIT_SOCKET_MARK: Global<u32> = Global::new(ambit_common::DEFAULT_SOCKET_MARK);
+static AMBIT_AGENT_CGROUP: Global<u64> = Global::new(0);
 #[unsafe(no_mangle)]
 static AMBIT_OUTBOUND_PORT: Global<u16> = Global::new(OUTBOUND_PORT);
 #[unsafe(no_mangle)]
@@ -65,9 +72,10 @@ static PENDING: LruHashMap<u64, PendingConnection> = LruHashMap::pinned(CONNECTI
 static ORIG_DST: LruHashMap<ClientKey, OriginalDst> =
     LruHashMap::pinned(CONNECTION_MAP_CAPACITY, 0);
 
-/// Addresses of enrolled pods under inbound capture (IPv4 as mapped).
-#[map(name = "AMBIT_INBOUND_IPS")]
-static INBOUND_IPS: HashMap<IpWords, u32> = HashMap::pinned(INBOUND_MAP_CAPACITY, 0);
+/// Every local address of every enrolled pod (IPv4 as mapped), with the pod
+/// it belongs to. An address two pods claim is left out (fail closed).
+#[map(name = "AMBIT_POD_ADDRS")]
+static POD_ADDRS: HashMap<IpWords, PodAddress> = HashMap::pinned(INBOUND_MAP_CAPACITY, 0);
 
 /// The agent's plaintext-capture listener of each pod, by pod address. The
 /// kernel drops an entry when its socket closes (the agent died).
@@ -149,9 +157,9 @@ fn captured_netns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<u64> {
     if sa.protocol != IPPROTO_TCP {
         return None;
     }
-    // SAFETY: `sk` is always set for connect hooks.
-    let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if sk.is_null() || unsafe { (*sk).mark } == AMBIT_SOCKET_MARK.load() {
+    // connect() runs in the calling task, so this is the caller's cgroup.
+    // SAFETY: helper allowed for cgroup_sock_addr programs.
+    if unsafe { bpf_get_current_cgroup_id() } == AMBIT_AGENT_CGROUP.load() {
         return None;
     }
     // SAFETY: helper allowed for cgroup_sock_addr programs.
@@ -293,16 +301,6 @@ pub fn ambit_inbound(ctx: SkLookupContext) -> u32 {
             ],
         )
     };
-    if protocol != IPPROTO_TCP {
-        return SK_PASS;
-    }
-    let port = local_port as u16;
-    if port == AMBIT_TUNNEL_PORT.load()
-        || port == AMBIT_INBOUND_CAPTURE_PORT.load()
-        || port == AMBIT_OUTBOUND_PORT.load()
-    {
-        return SK_PASS;
-    }
     let (local, remote) = if family == u32::from(AF_INET6) {
         (IpWords(local6), IpWords(remote6))
     } else {
@@ -311,18 +309,41 @@ pub fn ambit_inbound(ctx: SkLookupContext) -> u32 {
             IpWords::from_ipv4_word(remote4),
         )
     };
-    if INBOUND_IPS.get_ptr(local).is_none() {
+    // Loopback never leaves the pod.
+    if is_loopback(&local) || is_loopback(&remote) {
         return SK_PASS;
     }
-    // From inside the pod itself: the application talking to its own
-    // address, or the agent delivering a tunnelled connection.
-    if remote == local {
+    let owner = POD_ADDRS.get_ptr(local);
+    // From inside the pod itself, between two of its own addresses: the
+    // application talking to itself, or the agent delivering a connection
+    // it accepted. A packet from outside cannot carry a source address of
+    // the pod (the kernel drops such martians for IPv4; over IPv6 a spoofed
+    // source can send but never receive, so no TCP handshake completes).
+    if let (Some(owner), Some(source)) = (owner, POD_ADDRS.get_ptr(remote)) {
+        // SAFETY: pointers returned by successful lookups of this map.
+        if unsafe { (*owner).netns_cookie == (*source).netns_cookie } {
+            return SK_PASS;
+        }
+    }
+    let port = local_port as u16;
+    if protocol == IPPROTO_UDP {
+        // UDP is not carried by the mesh. Replies to the pod's connected
+        // sockets never get here (the kernel matches them first); anything
+        // else from outside reaches a permissive pod only.
+        // SAFETY: as above.
+        let permissive = owner.is_some_and(|o| unsafe { (*o).flags } & POD_ADDRESS_PERMISSIVE != 0);
+        return if permissive { SK_PASS } else { SK_DROP };
+    }
+    if protocol != IPPROTO_TCP || port == AMBIT_TUNNEL_PORT.load() {
         return SK_PASS;
     }
+    // Every other TCP port, the agent's own included: a direct dial of the
+    // capture or outbound port is refused (and audited) by the agent.
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
         Ok(()) => SK_PASS,
-        // The pod is captured but its listener is gone (agent down): fail
-        // closed rather than let plaintext reach the application.
+        // No listener for this address: an address the agent has not
+        // placed (added since the last sync, or claimed by two pods), or the
+        // agent is down. Refuse rather than let plaintext reach the app.
         Err(err) => {
             debug!(
                 &ctx,
@@ -331,6 +352,14 @@ pub fn ambit_inbound(ctx: SkLookupContext) -> u32 {
             SK_DROP
         }
     }
+}
+
+/// 127.0.0.0/8 (also IPv4-mapped) or ::1.
+#[inline(always)]
+fn is_loopback(ip: &IpWords) -> bool {
+    let [a, b, c, d] = ip.0;
+    let mapped = a == 0 && b == 0 && c == IpWords::from_ipv4_word(0).0[2];
+    (mapped && is_ipv4_loopback(d)) || (a == 0 && b == 0 && c == 0 && d == 1u32.to_be())
 }
 
 #[cfg(target_arch = "bpf")]

@@ -1,0 +1,114 @@
+//! One enrolled pod as the proxy serves it: where it lives (its network
+//! namespace), what it currently is (spec, identity, SVID: read afresh for
+//! every connection and stream, never cached from when a listener opened),
+//! and the signal that it was released, which ends every connection the
+//! agent holds for it.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::{
+    identity::SpiffeId, netns::Netns, proxy::loop_guard::AgentPorts, svids::SvidWatch,
+    workloads::Workload,
+};
+
+/// What a pod is at one moment. Replaced whole when its spec changes.
+pub struct PodState {
+    pub spec: Arc<Workload>,
+    pub identity: SpiffeId,
+    pub svid: SvidWatch,
+}
+
+/// How the agent opens connections for every pod (from `ambit run`).
+#[derive(Clone, Copy, Debug)]
+pub struct DialSettings {
+    pub socket_mark: u32,
+    pub connect_timeout: Duration,
+    pub agent_ports: AgentPorts,
+}
+
+pub struct PodContext {
+    /// `namespace/name`, for logs.
+    pub id: String,
+    pub netns: Arc<Netns>,
+    pub dial: DialSettings,
+    state: watch::Receiver<Arc<PodState>>,
+    released: CancellationToken,
+}
+
+/// The control loop's handle on a pod's context: it publishes new states
+/// and releases the pod.
+pub struct PodHandle {
+    state: watch::Sender<Arc<PodState>>,
+    released: CancellationToken,
+}
+
+impl PodContext {
+    pub fn new(
+        id: String,
+        netns: Arc<Netns>,
+        state: PodState,
+        dial: DialSettings,
+    ) -> (Arc<Self>, PodHandle) {
+        let (tx, rx) = watch::channel(Arc::new(state));
+        let released = CancellationToken::new();
+        let ctx = Arc::new(Self {
+            id,
+            netns,
+            dial,
+            state: rx,
+            released: released.clone(),
+        });
+        (
+            ctx,
+            PodHandle {
+                state: tx,
+                released,
+            },
+        )
+    }
+
+    /// The pod as it is now.
+    pub fn state(&self) -> Arc<PodState> {
+        Arc::clone(&self.state.borrow())
+    }
+
+    /// Follows the pod's state, for re-checking running connections.
+    pub fn watch_state(&self) -> watch::Receiver<Arc<PodState>> {
+        self.state.clone()
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.released.is_cancelled()
+    }
+
+    /// Resolves once the pod is released (unenrolled, or replaced by a new
+    /// capture of another namespace).
+    pub fn released(&self) -> WaitForCancellationFutureOwned {
+        self.released.clone().cancelled_owned()
+    }
+}
+
+impl PodHandle {
+    /// Publishes the pod's new state; connections see it from now on.
+    pub fn update(&self, state: PodState) {
+        self.state.send_replace(Arc::new(state));
+    }
+
+    pub fn current(&self) -> Arc<PodState> {
+        Arc::clone(&self.state.borrow())
+    }
+
+    /// Ends every connection of the pod.
+    pub fn release(&self) {
+        self.released.cancel();
+    }
+}
+
+impl Drop for PodHandle {
+    fn drop(&mut self) {
+        self.released.cancel();
+    }
+}
