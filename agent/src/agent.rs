@@ -28,6 +28,7 @@ use crate::{
     proxy::{
         inbound_plain::{self, PlaintextContext},
         inbound_tunnel::{self, TunnelContext},
+        limits::Limits,
         outbound::{self, OutboundContext},
     },
     svids::{IdentitySource, SvidStore},
@@ -62,6 +63,7 @@ pub struct Agent {
     state: Arc<AgentState>,
     directory: watch::Sender<Arc<Directory>>,
     pods: BTreeMap<String, CapturedPod>,
+    limits: Arc<Limits>,
 }
 
 fn identity_source(config: &RunConfig, node: &str, td: &TrustDomain) -> Result<IdentitySource> {
@@ -166,6 +168,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
     tokio::spawn(admin.run());
 
     let capture = Arc::new(Capture::start(&config.capture)?);
+    tracing::info!(limits = ?config.limits, "admission limits");
+    let limits = Limits::new(config.limits.clone(), Arc::clone(&mesh.metrics));
     let mut agent = Agent {
         config,
         capture,
@@ -174,6 +178,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         state,
         directory,
         pods: BTreeMap::new(),
+        limits,
     };
     agent.reconcile(&initial);
     agent.forget_stale_enrollments();
@@ -263,6 +268,9 @@ impl Agent {
         let mut tasks = Vec::new();
 
         let spec = Arc::new(workload.clone());
+        // One budget per pod, shared by its listeners (and replaced with the
+        // pod's capture, like them).
+        let limits = Arc::new(self.limits.for_pod());
         let tunnel_ctx = Arc::new(TunnelContext {
             workload: workload.id(),
             spec: Arc::clone(&spec),
@@ -274,6 +282,7 @@ impl Agent {
             netns: Arc::clone(&netns),
             socket_mark: mark,
             connect_timeout,
+            limits: Arc::clone(&limits),
         });
         let tunnel_listener = listen(SocketAddr::new(any, TUNNEL_PORT))?;
         tasks.push(tokio::spawn(inbound_tunnel::serve(
@@ -290,6 +299,7 @@ impl Agent {
             socket_mark: mark,
             connect_timeout,
             permissive: workload.permissive(),
+            limits: Arc::clone(&limits),
         });
         let plaintext_listener = listen(SocketAddr::new(any, INBOUND_CAPTURE_PORT))?;
         self.capture.capture_inbound(
@@ -312,6 +322,7 @@ impl Agent {
             mesh: Arc::clone(&self.mesh),
             socket_mark: mark,
             connect_timeout,
+            limits,
         });
         let port = self.config.capture.outbound_port;
         for ip in [

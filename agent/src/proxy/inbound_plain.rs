@@ -6,7 +6,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::dial::{dial, unmapped};
+use super::{
+    dial::{dial, unmapped},
+    limits::{ConnectionPermit, PodLimits},
+};
 use crate::{
     audit,
     gate::{Connection, Gate},
@@ -27,16 +30,25 @@ pub struct PlaintextContext {
     pub socket_mark: u32,
     pub connect_timeout: Duration,
     pub permissive: bool,
+    pub limits: Arc<PodLimits>,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PlaintextContext>) {
-    super::accept_loop(listener, &ctx.workload, |stream, peer| {
-        handle(stream, peer, Arc::clone(&ctx))
-    })
+    super::accept_loop(
+        listener,
+        &ctx.workload,
+        |_| ctx.limits.admit_inbound(),
+        |stream, peer, permit| handle(stream, peer, permit, Arc::clone(&ctx)),
+    )
     .await;
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PlaintextContext>) {
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: ConnectionPermit,
+    ctx: Arc<PlaintextContext>,
+) {
     let peer = unmapped(peer);
     // sk_lookup does not rewrite addresses: the local end is what the peer dialled.
     let Ok(dst) = stream.local_addr().map(unmapped) else {

@@ -14,7 +14,10 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::dial::{dial, unmapped};
+use super::{
+    dial::{dial, unmapped},
+    limits::{ConnectionPermit, HandshakePermit, PodLimits},
+};
 use crate::{
     audit,
     gate::{Connection, Gate},
@@ -25,9 +28,6 @@ use crate::{
     tunnel::{self, InboundRequest},
     workloads::Workload,
 };
-
-/// A peer must finish the TLS handshake within this long.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct TunnelContext {
     pub workload: String,
@@ -40,12 +40,19 @@ pub struct TunnelContext {
     pub netns: Arc<Netns>,
     pub socket_mark: u32,
     pub connect_timeout: Duration,
+    /// Admission limits; the handshake deadline comes from here too.
+    pub limits: Arc<PodLimits>,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
-    super::accept_loop(listener, &ctx.workload, |stream, peer| {
-        handle_connection(stream, unmapped(peer), Arc::clone(&ctx))
-    })
+    super::accept_loop(
+        listener,
+        &ctx.workload,
+        |peer| ctx.limits.admit_tunnel(peer.ip()),
+        |stream, peer, (permit, handshake)| {
+            handle_connection(stream, unmapped(peer), permit, handshake, Arc::clone(&ctx))
+        },
+    )
     .await;
 }
 
@@ -57,7 +64,16 @@ struct Peer {
     tls_version: String,
 }
 
-async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelContext>) {
+/// `_permit` holds the connection's place in the node's and the pod's
+/// budgets for as long as the tunnel lives; `handshake` its pending
+/// handshake slot, given back as soon as the handshake is over.
+async fn handle_connection(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    _permit: ConnectionPermit,
+    handshake: HandshakePermit,
+    ctx: Arc<TunnelContext>,
+) {
     let Some(svid) = ctx.svid.borrow().clone() else {
         tracing::info!(workload = %ctx.workload, src = %addr,
             reason = "this workload's SVID is not available yet", "tunnel refused");
@@ -73,7 +89,9 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().map(unmapped).unwrap_or(addr);
     let accept = TlsAcceptor::from(Arc::new(config)).accept(tcp);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+    let handshaken = tokio::time::timeout(ctx.limits.handshake_timeout(), accept).await;
+    drop(handshake);
+    let tls = match handshaken {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = handshake_failure_reason(&e);

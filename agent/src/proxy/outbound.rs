@@ -14,6 +14,7 @@ use tokio_rustls::TlsConnector;
 
 use super::{
     dial::dial,
+    limits::{ConnectionPermit, PodLimits},
     relay::{RelayStats, relay},
 };
 use crate::{
@@ -37,16 +38,25 @@ pub struct OutboundContext {
     pub mesh: Arc<Mesh>,
     pub socket_mark: u32,
     pub connect_timeout: Duration,
+    pub limits: Arc<PodLimits>,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
-    super::accept_loop(listener, &ctx.workload, |stream, client| {
-        handle(stream, client, Arc::clone(&ctx))
-    })
+    super::accept_loop(
+        listener,
+        &ctx.workload,
+        |_| ctx.limits.admit_outbound(),
+        |stream, client, permit| handle(stream, client, permit, Arc::clone(&ctx)),
+    )
     .await;
 }
 
-async fn handle(downstream: TcpStream, client: SocketAddr, ctx: Arc<OutboundContext>) {
+async fn handle(
+    downstream: TcpStream,
+    client: SocketAddr,
+    _permit: ConnectionPermit,
+    ctx: Arc<OutboundContext>,
+) {
     let Some(orig_dst) = ctx.capture.take_original_dst(ctx.netns.cookie(), client) else {
         // Someone dialled the listener directly, or the entry was evicted:
         // without a destination there is nothing safe to do but close.
