@@ -154,10 +154,13 @@ fn raise_nofile() -> Option<u64> {
     use ambit::fd_limit::{RECOMMENDED_NOFILE, raise_nofile};
     match raise_nofile() {
         Ok(nofile) if nofile < RECOMMENDED_NOFILE => {
-            tracing::warn!(nofile, recommended = RECOMMENDED_NOFILE,
+            tracing::warn!(
+                nofile,
+                recommended = RECOMMENDED_NOFILE,
                 "RLIMIT_NOFILE is low for a node agent: raise the hard limit \
                  (LimitNOFILE= in the systemd unit, `ulimit -Hn`, or the container runtime's \
-                 default ulimits)");
+                 default ulimits)"
+            );
             Some(nofile)
         }
         Ok(nofile) => {

@@ -250,7 +250,10 @@ mod tests {
             pod.admit_tunnel(ip(3)).unwrap_err(),
             Rejection::PendingHandshakes
         );
-        assert_eq!(rejected(&metrics, Rejection::PendingHandshakesPerSource), 1.0);
+        assert_eq!(
+            rejected(&metrics, Rejection::PendingHandshakesPerSource),
+            1.0
+        );
         assert_eq!(rejected(&metrics, Rejection::PendingHandshakes), 1.0);
         drop(others);
         assert!(pod.admit_tunnel(ip(3)).is_ok());
