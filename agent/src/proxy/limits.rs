@@ -88,10 +88,6 @@ impl Limits {
         }
     }
 
-    pub fn settings(&self) -> &LimitSettings {
-        &self.settings
-    }
-
     fn handshake(&self, source: IpAddr) -> Result<HandshakePermit, Rejection> {
         let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
         let pending = sources.get(&source).copied().unwrap_or(0);
