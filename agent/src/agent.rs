@@ -29,6 +29,7 @@ use crate::{
     proxy::{
         inbound_plain::{self, PlaintextContext},
         inbound_tunnel::{self, TunnelContext},
+        limits::Limits,
         loop_guard::AgentPorts,
         outbound::{self, OutboundContext},
     },
@@ -90,6 +91,7 @@ pub struct Agent {
     state: Arc<AgentState>,
     directory: watch::Sender<Arc<Directory>>,
     pods: BTreeMap<String, CapturedPod>,
+    limits: Arc<Limits>,
 }
 
 fn identity_source(config: &RunConfig, node: &str, td: &TrustDomain) -> Result<IdentitySource> {
@@ -208,6 +210,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
     tokio::spawn(admin.run());
 
     let capture = Arc::new(Capture::start(&config.capture)?);
+    tracing::info!(limits = ?config.limits, "admission limits");
+    let limits = Limits::new(config.limits.clone(), Arc::clone(&mesh.metrics));
     let mut agent = Agent {
         config,
         capture,
@@ -216,6 +220,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         state,
         directory,
         pods: BTreeMap::new(),
+        limits,
     };
     agent.reconcile(&initial);
     agent.forget_stale_enrollments();
@@ -362,6 +367,9 @@ impl Agent {
                 svid: self.mesh.svids.watch(spiffe_id),
             },
             dial,
+            // One budget per pod, shared by its listeners (and replaced
+            // with the pod's capture, like them).
+            self.limits.for_pod(),
         );
         let mut pod = CapturedPod {
             spec: workload.clone(),

@@ -59,6 +59,8 @@ pub struct RunConfig {
     pub audit_log: Option<PathBuf>,
     pub audit_max_bytes: u64,
     pub admin_addr: SocketAddr,
+    /// Admission limits against floods (connections, pending handshakes).
+    pub limits: crate::proxy::limits::LimitSettings,
 }
 
 #[derive(Clone, Debug)]

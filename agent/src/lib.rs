@@ -9,6 +9,7 @@ pub mod audit;
 pub mod ca_service;
 pub mod capture;
 pub mod config;
+pub mod fd_limit;
 pub mod gate;
 pub mod identity;
 pub mod mesh;

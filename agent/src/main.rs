@@ -104,6 +104,74 @@ struct RunArgs {
     /// Address of the admin server (/metrics, /healthz, /readyz, /config_dump, /certs).
     #[arg(long, default_value = "127.0.0.1:15020")]
     admin_addr: std::net::SocketAddr,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Admission limits against floods; over a limit a connection is reset at
+/// accept and counted in `ambit_connections_rejected_total{reason}`.
+#[derive(Args)]
+struct LimitArgs {
+    /// TLS handshakes in progress on the node's tunnel listeners.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    max_pending_handshakes: u32,
+    /// TLS handshakes in progress from one source address.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_pending_handshakes_per_source: u32,
+    /// Deadline for a tunnel peer's TLS handshake, in milliseconds.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    handshake_timeout_ms: u64,
+    /// Concurrent connections of one pod, inbound and outbound each.
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_pod: u32,
+    /// Concurrent connections of the whole node [default: what fits in
+    /// RLIMIT_NOFILE, two descriptors each, 1024 kept for the agent].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
+}
+
+impl LimitArgs {
+    /// The settings, with the node-wide cap derived from `nofile` unless given.
+    fn settings(&self, nofile: Option<u64>) -> ambit::proxy::limits::LimitSettings {
+        let count = |n: u32| usize::try_from(n).unwrap_or(usize::MAX);
+        let derived = nofile.map_or(
+            ambit::proxy::limits::LimitSettings::default().max_connections,
+            ambit::fd_limit::connections_within,
+        );
+        ambit::proxy::limits::LimitSettings {
+            max_pending_handshakes: count(self.max_pending_handshakes),
+            max_pending_handshakes_per_source: count(self.max_pending_handshakes_per_source),
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            max_connections_per_pod: count(self.max_connections_per_pod),
+            max_connections: self.max_connections.map_or(derived, count),
+        }
+    }
+}
+
+/// Raises RLIMIT_NOFILE as far as allowed and says so; `None` if it could
+/// not even be read.
+fn raise_nofile() -> Option<u64> {
+    use ambit::fd_limit::{RECOMMENDED_NOFILE, raise_nofile};
+    match raise_nofile() {
+        Ok(nofile) if nofile < RECOMMENDED_NOFILE => {
+            tracing::warn!(
+                nofile,
+                recommended = RECOMMENDED_NOFILE,
+                "RLIMIT_NOFILE is low for a node agent: raise the hard limit \
+                 (LimitNOFILE= in the systemd unit, `ulimit -Hn`, or the container runtime's \
+                 default ulimits)"
+            );
+            Some(nofile)
+        }
+        Ok(nofile) => {
+            tracing::info!(nofile, "RLIMIT_NOFILE raised to the hard limit");
+            Some(nofile)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE; connection cap not derived from it");
+            None
+        }
+    }
 }
 
 #[derive(Args)]
@@ -179,6 +247,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    let nofile = raise_nofile();
     let config = RunConfig {
         capture: CaptureConfig {
             cgroup_path: args.cgroup_path,
@@ -211,6 +280,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         audit_log: (args.audit_log.as_os_str() != "-").then_some(args.audit_log),
         audit_max_bytes: args.audit_max_bytes,
         admin_addr: args.admin_addr,
+        limits: args.limits.settings(nofile),
     };
     tokio::runtime::Runtime::new()?.block_on(ambit::agent::run(config))
 }

@@ -10,7 +10,10 @@ use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::{
-    identity::SpiffeId, netns::Netns, proxy::loop_guard::AgentPorts, svids::SvidWatch,
+    identity::SpiffeId,
+    netns::Netns,
+    proxy::{limits::PodLimits, loop_guard::AgentPorts},
+    svids::SvidWatch,
     workloads::Workload,
 };
 
@@ -34,6 +37,8 @@ pub struct PodContext {
     pub id: String,
     pub netns: Arc<Netns>,
     pub dial: DialSettings,
+    /// The pod's own connection budget, shared by its listeners.
+    pub limits: PodLimits,
     state: watch::Receiver<Arc<PodState>>,
     released: CancellationToken,
 }
@@ -51,6 +56,7 @@ impl PodContext {
         netns: Arc<Netns>,
         state: PodState,
         dial: DialSettings,
+        limits: PodLimits,
     ) -> (Arc<Self>, PodHandle) {
         let (tx, rx) = watch::channel(Arc::new(state));
         let released = CancellationToken::new();
@@ -58,6 +64,7 @@ impl PodContext {
             id,
             netns,
             dial,
+            limits,
             state: rx,
             released: released.clone(),
         });

@@ -17,6 +17,7 @@
 pub mod agent;
 mod cleanup;
 pub mod exec;
+pub mod procfs;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},

@@ -20,6 +20,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3", "/usr/bin/python3"),
     ("util-linux", "/usr/bin/setpriv"),
     ("sslscan", "/usr/bin/sslscan"),
+    // TLS scanners run against the tunnel port by tests/tests/tls_scanners.rs.
+    ("testssl.sh", "/usr/bin/testssl"),
+    ("nmap", "/usr/share/nmap/scripts/ssl-enum-ciphers.nse"),
 ];
 
 pub fn run() -> Result<()> {
@@ -30,6 +33,7 @@ pub fn run() -> Result<()> {
     install_packages(&mut did)?;
     rustup_components(&mut did)?;
     cargo_tools(&mut did)?;
+    python_tools(&mut did)?;
     mount_bpffs(&mut did)?;
     if did.is_empty() {
         eprintln!("setup: nothing to do, the machine is ready");
@@ -116,6 +120,15 @@ fn on_path(binary: &str) -> bool {
         .args(["-c", &format!("command -v {binary}")])
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// sslyze (a TLS scanner the tests run) is published on PyPI only.
+fn python_tools(did: &mut Vec<String>) -> Result<()> {
+    if !on_path("sslyze") {
+        exec(Command::new("python3").args(["-m", "pip", "install", "-q", "sslyze"]))?;
+        did.push("installed sslyze".into());
+    }
+    Ok(())
 }
 
 fn cargo_tools(did: &mut Vec<String>) -> Result<()> {

@@ -12,6 +12,7 @@
 
 mod guard;
 mod handshake;
+mod rejection;
 #[cfg(test)]
 pub(crate) mod test_support;
 #[cfg(test)]
@@ -25,6 +26,7 @@ use prometheus::{
 
 pub use guard::ActiveConnection;
 pub use handshake::HandshakeFailure;
+pub use rejection::Rejection;
 
 use crate::audit::{Decision, Direction};
 
@@ -46,6 +48,8 @@ pub struct Metrics {
     bytes: [IntCounter; 2],
     policy_denials: IntCounter,
     handshake_failures: [IntCounter; 6],
+    /// In [`Rejection::ALL`] order.
+    connections_rejected: [IntCounter; 4],
     svid_expiry: IntGaugeVec,
     /// SPIFFE IDs currently in `svid_expiry`, to remove the ones that leave.
     svid_ids: Mutex<HashSet<String>>,
@@ -90,7 +94,15 @@ impl Metrics {
             "Failed TLS handshakes, by reason.",
             &["reason"],
         );
+        let rejected = counter_vec(
+            &registry,
+            "ambit_connections_rejected_total",
+            "Connections closed at accept because an admission limit was reached, by limit.",
+            &["reason"],
+        );
         Metrics {
+            connections_rejected: Rejection::ALL
+                .map(|reason| rejected.with_label_values(&[reason.as_str()])),
             opened: Direction::ALL.map(|dir| {
                 Decision::ALL.map(|dec| opened.with_label_values(&[dir.as_str(), dec.as_str()]))
             }),
@@ -173,6 +185,10 @@ impl Metrics {
 
     pub fn tls_handshake_failed(&self, reason: HandshakeFailure) {
         self.handshake_failures[reason as usize].inc();
+    }
+
+    pub fn connection_rejected(&self, reason: Rejection) {
+        self.connections_rejected[reason as usize].inc();
     }
 
     /// Replaces the SVID expiry series with `svids` (SPIFFE ID, `not_after`

@@ -54,6 +54,9 @@ fn enum_discriminants_index_the_label_arrays() {
     for (i, reason) in HandshakeFailure::ALL.into_iter().enumerate() {
         assert_eq!(reason as usize, i);
     }
+    for (i, reason) in Rejection::ALL.into_iter().enumerate() {
+        assert_eq!(reason as usize, i);
+    }
 }
 
 #[test]

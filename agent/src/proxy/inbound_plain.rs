@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     dial::{dial, unmapped},
+    limits::ConnectionPermit,
     loop_guard,
 };
 use crate::{
@@ -26,13 +27,21 @@ pub struct PlaintextContext {
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PlaintextContext>) {
-    super::accept_loop(listener, &ctx.pod.id, |stream, peer| {
-        handle(stream, peer, Arc::clone(&ctx))
-    })
+    super::accept_loop(
+        listener,
+        &ctx.pod.id,
+        |_| ctx.pod.limits.admit_inbound(),
+        |stream, peer, permit| handle(stream, peer, permit, Arc::clone(&ctx)),
+    )
     .await;
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PlaintextContext>) {
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: ConnectionPermit,
+    ctx: Arc<PlaintextContext>,
+) {
     let pod = &ctx.pod;
     let peer = unmapped(peer);
     // sk_lookup does not rewrite addresses: the local end is what the peer dialled.

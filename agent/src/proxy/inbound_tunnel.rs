@@ -3,7 +3,7 @@
 //! never anything it says; each CONNECT stream is relayed to the pod's own
 //! address from inside its netns.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use http::StatusCode;
 use rustls::pki_types::CertificateDer;
@@ -12,6 +12,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     dial::{dial, unmapped},
+    limits::{ConnectionPermit, HandshakePermit},
     loop_guard,
 };
 use crate::{
@@ -27,9 +28,6 @@ use crate::{
     tunnel::{self, InboundRequest},
 };
 
-/// A peer must finish the TLS handshake within this long.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 pub struct TunnelContext {
     pub pod: Arc<PodContext>,
     pub gate: Arc<Gate>,
@@ -37,9 +35,14 @@ pub struct TunnelContext {
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
-    super::accept_loop(listener, &ctx.pod.id, |stream, peer| {
-        handle_connection(stream, unmapped(peer), Arc::clone(&ctx))
-    })
+    super::accept_loop(
+        listener,
+        &ctx.pod.id,
+        |peer| ctx.pod.limits.admit_tunnel(peer.ip()),
+        |stream, peer, (permit, handshake)| {
+            handle_connection(stream, unmapped(peer), permit, handshake, Arc::clone(&ctx))
+        },
+    )
     .await;
 }
 
@@ -51,7 +54,16 @@ struct Peer {
     tls_version: String,
 }
 
-async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelContext>) {
+/// `_permit` holds the connection's place in the node's and the pod's
+/// budgets for as long as the tunnel lives; `handshake` its pending
+/// handshake slot, given back as soon as the handshake is over.
+async fn handle_connection(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    _permit: ConnectionPermit,
+    handshake: HandshakePermit,
+    ctx: Arc<TunnelContext>,
+) {
     let state = ctx.pod.state();
     let Some(svid) = state.svid.borrow().clone() else {
         tracing::info!(workload = %ctx.pod.id, src = %addr,
@@ -68,7 +80,9 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().map(unmapped).unwrap_or(addr);
     let accept = TlsAcceptor::from(Arc::new(config)).accept(tcp);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+    let handshaken = tokio::time::timeout(ctx.pod.limits.handshake_timeout(), accept).await;
+    drop(handshake);
+    let tls = match handshaken {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = handshake_failure_reason(&e);
@@ -168,6 +182,18 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
         request.reject(StatusCode::BAD_REQUEST);
         return;
     }
+    // Each stream costs a connection to the app, so it takes a place in the
+    // pod's budget like any other connection: a tunnel's stream limit alone
+    // would let one peer hold a thousand of the node's descriptors.
+    let _permit = match pod.limits.admit_inbound() {
+        Ok(permit) => permit,
+        Err(rejection) => {
+            tracing::debug!(workload = %pod.id, peer_spiffe_id = %peer.spiffe_id, %dst,
+                reason = %rejection, "inbound stream rejected");
+            request.reject(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
     // Policy first: a denied peer never causes a connection to the app.
     let decision = ctx.gate.decide(&conn);
     if !decision.allowed {

@@ -14,6 +14,7 @@ use tokio_rustls::TlsConnector;
 
 use super::{
     dial::dial,
+    limits::ConnectionPermit,
     relay::{RelayStats, relay},
 };
 use crate::{
@@ -35,13 +36,23 @@ pub struct OutboundContext {
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
-    super::accept_loop(listener, &ctx.pod.id, |stream, client| {
-        handle(stream, client, Arc::clone(&ctx))
-    })
+    super::accept_loop(
+        listener,
+        &ctx.pod.id,
+        |_| ctx.pod.limits.admit_outbound(),
+        |stream, client, permit| handle(stream, client, permit, Arc::clone(&ctx)),
+    )
     .await;
 }
 
-async fn handle(downstream: TcpStream, client: SocketAddr, ctx: Arc<OutboundContext>) {
+/// `_permit` holds the connection's place in the node's and the pod's
+/// budgets until it ends.
+async fn handle(
+    downstream: TcpStream,
+    client: SocketAddr,
+    _permit: ConnectionPermit,
+    ctx: Arc<OutboundContext>,
+) {
     // A connection is served to its end or until its pod is released,
     // whichever comes first.
     let released = ctx.pod.released();

@@ -1,0 +1,53 @@
+//! What a process holds, read from /proc: the figures the resource tests
+//! assert on and print.
+
+use anyhow::{Context, Result};
+
+/// Open file descriptors of `pid`.
+pub fn fd_count(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("listing /proc/{pid}/fd"))?
+        .count())
+}
+
+/// Resident memory of `pid` (VmRSS), in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Descriptors and memory of a process at one moment.
+#[derive(Clone, Copy, Debug)]
+pub struct Usage {
+    pub fds: usize,
+    pub rss_kib: u64,
+}
+
+impl Usage {
+    pub fn of(pid: u32) -> Result<Self> {
+        Ok(Self {
+            fds: fd_count(pid)?,
+            rss_kib: rss_kib(pid)?,
+        })
+    }
+
+    /// The larger of each figure.
+    pub fn max(self, other: Self) -> Self {
+        Self {
+            fds: self.fds.max(other.fds),
+            rss_kib: self.rss_kib.max(other.rss_kib),
+        }
+    }
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (mib, tenths) = (self.rss_kib / 1024, self.rss_kib % 1024 * 10 / 1024);
+        write!(f, "{} fds, {mib}.{tenths} MiB RSS", self.fds)
+    }
+}
