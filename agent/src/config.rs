@@ -59,6 +59,8 @@ pub struct RunConfig {
     pub audit_log: Option<PathBuf>,
     pub audit_max_bytes: u64,
     pub admin_addr: SocketAddr,
+    /// Timeouts, liveness and pool limits of tunnel connections.
+    pub tunnel: crate::tunnel::TunnelConfig,
 }
 
 #[derive(Clone, Debug)]

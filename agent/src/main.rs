@@ -104,6 +104,29 @@ struct RunArgs {
     /// Address of the admin server (/metrics, /healthz, /readyz, /config_dump, /certs).
     #[arg(long, default_value = "127.0.0.1:15020")]
     admin_addr: std::net::SocketAddr,
+    /// Bound on each tunnel handshake step (TLS, then HTTP/2 preface and
+    /// SETTINGS), in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tunnel_handshake_timeout_ms: u64,
+    /// Bound on opening one tunnel stream (slot, then the peer's answer),
+    /// in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tunnel_stream_open_timeout_ms: u64,
+    /// Interval of HTTP/2 PINGs on tunnel connections, in milliseconds.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tunnel_ping_interval_ms: u64,
+    /// A tunnel whose peer leaves a PING unanswered this long is closed as
+    /// dead, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tunnel_ping_timeout_ms: u64,
+    /// A pooled tunnel connection without streams this long is closed, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tunnel_idle_timeout_ms: u64,
+    /// Tunnel connections per source identity and peer; past it, new
+    /// connections wait for a free stream.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    tunnel_max_connections_per_peer: u64,
 }
 
 #[derive(Args)]
@@ -211,6 +234,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         audit_log: (args.audit_log.as_os_str() != "-").then_some(args.audit_log),
         audit_max_bytes: args.audit_max_bytes,
         admin_addr: args.admin_addr,
+        tunnel: ambit::tunnel::TunnelConfig {
+            handshake_timeout: Duration::from_millis(args.tunnel_handshake_timeout_ms),
+            stream_open_timeout: Duration::from_millis(args.tunnel_stream_open_timeout_ms),
+            ping_interval: Duration::from_millis(args.tunnel_ping_interval_ms),
+            ping_timeout: Duration::from_millis(args.tunnel_ping_timeout_ms),
+            idle_timeout: Duration::from_millis(args.tunnel_idle_timeout_ms),
+            max_connections_per_peer: usize::try_from(args.tunnel_max_connections_per_peer)
+                .unwrap_or(usize::MAX),
+        },
     };
     tokio::runtime::Runtime::new()?.block_on(ambit::agent::run(config))
 }

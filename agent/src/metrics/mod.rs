@@ -16,6 +16,7 @@ mod handshake;
 pub(crate) mod test_support;
 #[cfg(test)]
 mod tests;
+mod tunnel;
 
 use std::{collections::HashSet, sync::Mutex};
 
@@ -25,6 +26,7 @@ use prometheus::{
 
 pub use guard::ActiveConnection;
 pub use handshake::HandshakeFailure;
+pub use tunnel::TunnelMetrics;
 
 use crate::audit::{Decision, Direction};
 

@@ -14,7 +14,10 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::dial::{dial, unmapped};
+use super::{
+    dial::{dial, unmapped},
+    tunnel_socket::set_liveness_options,
+};
 use crate::{
     audit,
     gate::{Connection, Gate},
@@ -22,12 +25,9 @@ use crate::{
     metrics::HandshakeFailure,
     netns::Netns,
     svids::{SvidWatch, hex},
-    tunnel::{self, InboundRequest},
+    tunnel::{self, InboundRequest, TunnelConfig, TunnelError},
     workloads::Workload,
 };
-
-/// A peer must finish the TLS handshake within this long.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct TunnelContext {
     pub workload: String,
@@ -40,6 +40,8 @@ pub struct TunnelContext {
     pub netns: Arc<Netns>,
     pub socket_mark: u32,
     pub connect_timeout: Duration,
+    /// Handshake timeout and PING liveness of tunnel connections.
+    pub tunnel: TunnelConfig,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
@@ -71,9 +73,12 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
         }
     };
     let _ = tcp.set_nodelay(true);
+    if let Err(e) = set_liveness_options(&tcp, &ctx.tunnel) {
+        tracing::debug!(workload = %ctx.workload, src = %addr, error = %e, "tunnel socket options not set");
+    }
     let local = tcp.local_addr().map(unmapped).unwrap_or(addr);
     let accept = TlsAcceptor::from(Arc::new(config)).accept(tcp);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+    let tls = match tokio::time::timeout(ctx.tunnel.handshake_timeout, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             let reason = handshake_failure_reason(&e);
@@ -128,12 +133,21 @@ async fn handle_connection(tcp: TcpStream, addr: SocketAddr, ctx: Arc<TunnelCont
         ..peer
     };
     let peer = Arc::new(peer);
-    let served = tunnel::serve(tls, |request| {
+    let served = tunnel::serve(tls, &ctx.tunnel, |request| {
         tokio::spawn(handle_stream(request, Arc::clone(&peer), Arc::clone(&ctx)));
     })
     .await;
-    if let Err(e) = served {
-        tracing::debug!(workload = %ctx.workload, src = %addr, error = %e, "tunnel ended");
+    match served {
+        // Dropping the connection reset its streams, which ends their
+        // relays and upstream connections.
+        Err(TunnelError::NoPingAnswer(after)) => {
+            tracing::warn!(workload = %ctx.workload, src = %addr, peer_spiffe_id = %peer.spiffe_id,
+                "tunnel from {} is dead: no PING answer in {after:?}", peer.spiffe_id)
+        }
+        Err(e) => {
+            tracing::debug!(workload = %ctx.workload, src = %addr, error = %e, "tunnel ended")
+        }
+        Ok(()) => {}
     }
 }
 

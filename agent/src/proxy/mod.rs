@@ -10,6 +10,7 @@ pub mod inbound_plain;
 pub mod inbound_tunnel;
 pub mod outbound;
 pub mod relay;
+pub mod tunnel_socket;
 
 /// Accepts on `listener` until the task is aborted (the pod is unenrolled
 /// or the agent stops), running `handle` for each connection on its own
