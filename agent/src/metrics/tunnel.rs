@@ -27,7 +27,7 @@ impl TunnelMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let connections = IntGauge::new(
             "ambit_tunnel_connections",
-            "Pooled outbound tunnel (HBONE) connections currently open.",
+            "Outbound tunnel (HBONE) connections opened by the pool and still open.",
         )?;
         let closed = IntCounterVec::new(
             Opts::new(

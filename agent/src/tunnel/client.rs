@@ -171,7 +171,7 @@ impl HboneClient {
         let limit = self
             .send
             .current_max_send_streams()
-            .min(settings::MAX_CONCURRENT_STREAMS as usize);
+            .min(usize::try_from(settings::MAX_CONCURRENT_STREAMS).unwrap_or(usize::MAX));
         self.streams.try_acquire(limit)
     }
 

@@ -179,13 +179,12 @@ where
                 state.last_error = None;
                 self.adopt(key, &client);
                 state.clients.push(client.clone());
-                return reserve_least_loaded(&[client.clone()], &slot.released).ok_or_else(|| {
-                    TunnelError::Saturated {
+                return reserve_least_loaded(std::slice::from_ref(&client), &slot.released)
+                    .ok_or_else(|| TunnelError::Saturated {
                         peer: client.peer().clone(),
                         connections: state.clients.len(),
                         waited: Duration::ZERO,
-                    }
-                });
+                    });
             }
             let peer = state.clients.first().map(|c| c.peer().clone());
             let connections = state.clients.len();
