@@ -91,7 +91,30 @@ struct Mesh {
     agent1: Agent,
 }
 
+/// Lets the agents started from here (they inherit the limit) hold one
+/// socket per relayed connection for well over a thousand connections.
+fn raise_fd_limit() -> Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        ensure!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0,
+            "getrlimit"
+        );
+        limit.rlim_cur = limit.rlim_max;
+        ensure!(
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0,
+            "setrlimit"
+        );
+    }
+    Ok(())
+}
+
 fn mesh(agent_flags: &[&str]) -> Result<Mesh> {
+    raise_fd_limit()?;
     let mut tb = Testbed::new(2)?;
     let a = tb.add_pod(0, "a")?;
     let b = tb.add_pod(1, "b")?;
