@@ -22,7 +22,7 @@ use crate::{
     gate::Gate,
     identity::{CertificateAuthority, SpiffeId, TrustDomain},
     mesh::Mesh,
-    metrics::Metrics,
+    metrics::{Metrics, TunnelMetrics},
     netns::Netns,
     pod::{DialSettings, PodContext, PodHandle, PodState},
     policy::{self, Engine, PolicySet},
@@ -144,7 +144,10 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let initial = workloads.borrow_and_update().clone();
     let trust_domain = TrustDomain::new(&config.trust_domain)
         .with_context(|| format!("invalid --trust-domain {:?}", config.trust_domain))?;
-    let pool = TunnelPool::new();
+    let metrics = Arc::new(Metrics::new());
+    let tunnel_metrics =
+        TunnelMetrics::register(metrics.registry()).context("registering the tunnel metrics")?;
+    let pool = TunnelPool::with_observer(config.tunnel, Arc::new(tunnel_metrics));
     let on_rotate = {
         let pool = pool.clone();
         // New connections must handshake with the new certificate; pooled
@@ -157,7 +160,6 @@ pub async fn run(config: RunConfig) -> Result<()> {
     )?;
     let (directory, directory_rx) =
         watch::channel(Arc::new(Directory::build(&initial, &trust_domain)));
-    let metrics = Arc::new(Metrics::new());
     let mesh = Arc::new(Mesh {
         bundles: svids.bundles(),
         svids: Arc::new(svids),
@@ -395,6 +397,7 @@ impl Agent {
                 pod: Arc::clone(&ctx),
                 gate: Arc::clone(&self.gate),
                 bundles: Arc::clone(&self.mesh.bundles),
+                tunnel: *self.mesh.pool.config(),
             }),
         )));
 

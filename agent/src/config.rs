@@ -61,6 +61,8 @@ pub struct RunConfig {
     pub admin_addr: SocketAddr,
     /// Admission limits against floods (connections, pending handshakes).
     pub limits: crate::proxy::limits::LimitSettings,
+    /// Timeouts, liveness and pool limits of tunnel connections.
+    pub tunnel: crate::tunnel::TunnelConfig,
 }
 
 #[derive(Clone, Debug)]

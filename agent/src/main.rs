@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent: capture enrolled pods and proxy their traffic.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run the cluster CA: issue SVIDs to node agents over mTLS, each only
     /// for the workloads its directory places on the requesting node.
     Ca(CaArgs),
@@ -104,6 +104,30 @@ struct RunArgs {
     /// Address of the admin server (/metrics, /healthz, /readyz, /config_dump, /certs).
     #[arg(long, default_value = "127.0.0.1:15020")]
     admin_addr: std::net::SocketAddr,
+    /// Bound on each tunnel handshake step (TLS, then HTTP/2 preface and
+    /// SETTINGS), in milliseconds, both ends. Short, since a pending
+    /// handshake holds one of the capped handshake slots.
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tunnel_handshake_timeout_ms: u64,
+    /// Bound on opening one tunnel stream (slot, then the peer's answer),
+    /// in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tunnel_stream_open_timeout_ms: u64,
+    /// Interval of HTTP/2 PINGs on tunnel connections, in milliseconds.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tunnel_ping_interval_ms: u64,
+    /// A tunnel whose peer leaves a PING unanswered this long is closed as
+    /// dead, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tunnel_ping_timeout_ms: u64,
+    /// A pooled tunnel connection without streams this long is closed, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tunnel_idle_timeout_ms: u64,
+    /// Tunnel connections per source identity and peer; past it, new
+    /// connections wait for a free stream.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    tunnel_max_connections_per_peer: u64,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -118,9 +142,6 @@ struct LimitArgs {
     /// TLS handshakes in progress from one source address.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     max_pending_handshakes_per_source: u32,
-    /// Deadline for a tunnel peer's TLS handshake, in milliseconds.
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
-    handshake_timeout_ms: u64,
     /// Concurrent connections of one pod, inbound and outbound each.
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections_per_pod: u32,
@@ -141,7 +162,6 @@ impl LimitArgs {
         ambit::proxy::limits::LimitSettings {
             max_pending_handshakes: count(self.max_pending_handshakes),
             max_pending_handshakes_per_source: count(self.max_pending_handshakes_per_source),
-            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             max_connections_per_pod: count(self.max_connections_per_pod),
             max_connections: self.max_connections.map_or(derived, count),
         }
@@ -230,7 +250,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Ca(args) => ca(args),
         Command::Audit(args) => audit(args),
         // Prints its own findings and chooses its exit code.
@@ -281,6 +301,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         audit_max_bytes: args.audit_max_bytes,
         admin_addr: args.admin_addr,
         limits: args.limits.settings(nofile),
+        tunnel: ambit::tunnel::TunnelConfig {
+            handshake_timeout: Duration::from_millis(args.tunnel_handshake_timeout_ms),
+            stream_open_timeout: Duration::from_millis(args.tunnel_stream_open_timeout_ms),
+            ping_interval: Duration::from_millis(args.tunnel_ping_interval_ms),
+            ping_timeout: Duration::from_millis(args.tunnel_ping_timeout_ms),
+            idle_timeout: Duration::from_millis(args.tunnel_idle_timeout_ms),
+            max_connections_per_peer: usize::try_from(args.tunnel_max_connections_per_peer)
+                .unwrap_or(usize::MAX),
+        },
     };
     tokio::runtime::Runtime::new()?.block_on(ambit::agent::run(config))
 }

@@ -254,7 +254,7 @@ fn a_handshake_flood_from_one_source_leaves_the_tunnel_port_to_everyone_else() -
             "256",
             "--max-pending-handshakes-per-source",
             &per_source,
-            "--handshake-timeout-ms",
+            "--tunnel-handshake-timeout-ms",
             "3000",
         ],
     ])?;

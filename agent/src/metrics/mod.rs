@@ -17,6 +17,7 @@ mod rejection;
 pub(crate) mod test_support;
 #[cfg(test)]
 mod tests;
+mod tunnel;
 
 use std::{collections::HashSet, sync::Mutex};
 
@@ -27,6 +28,7 @@ use prometheus::{
 pub use guard::ActiveConnection;
 pub use handshake::HandshakeFailure;
 pub use rejection::Rejection;
+pub use tunnel::TunnelMetrics;
 
 use crate::audit::{Decision, Direction};
 

@@ -14,6 +14,7 @@ use super::{
     dial::{dial, unmapped},
     limits::{ConnectionPermit, HandshakePermit},
     loop_guard,
+    tunnel_socket::set_liveness_options,
 };
 use crate::{
     audit,
@@ -25,13 +26,15 @@ use crate::{
     metrics::HandshakeFailure,
     pod::PodContext,
     svids::hex,
-    tunnel::{self, InboundRequest},
+    tunnel::{self, InboundRequest, TunnelConfig, TunnelError},
 };
 
 pub struct TunnelContext {
     pub pod: Arc<PodContext>,
     pub gate: Arc<Gate>,
     pub bundles: Arc<TrustBundles>,
+    /// Handshake timeout and PING liveness of tunnel connections.
+    pub tunnel: TunnelConfig,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
@@ -78,9 +81,12 @@ async fn handle_connection(
         }
     };
     let _ = tcp.set_nodelay(true);
+    if let Err(e) = set_liveness_options(&tcp, &ctx.tunnel) {
+        tracing::debug!(workload = %ctx.pod.id, src = %addr, error = %e, "tunnel socket options not set");
+    }
     let local = tcp.local_addr().map(unmapped).unwrap_or(addr);
     let accept = TlsAcceptor::from(Arc::new(config)).accept(tcp);
-    let handshaken = tokio::time::timeout(ctx.pod.limits.handshake_timeout(), accept).await;
+    let handshaken = tokio::time::timeout(ctx.tunnel.handshake_timeout, accept).await;
     drop(handshake);
     let tls = match handshaken {
         Ok(Ok(tls)) => tls,
@@ -137,14 +143,22 @@ async fn handle_connection(
         ..peer
     };
     let peer = Arc::new(peer);
-    let served = tunnel::serve(tls, |request| {
+    let served = tunnel::serve(tls, &ctx.tunnel, |request| {
         tokio::spawn(handle_stream(request, Arc::clone(&peer), Arc::clone(&ctx)));
     });
     // A released pod's tunnels end with it (dropping the connection resets
-    // its streams), so nothing keeps serving a pod that is gone.
+    // its streams, which ends their relays and upstream connections), so
+    // nothing keeps serving a pod that is gone.
     tokio::select! {
-        served = served => if let Err(e) = served {
-            tracing::debug!(workload = %ctx.pod.id, src = %addr, error = %e, "tunnel ended");
+        served = served => match served {
+            Err(TunnelError::NoPingAnswer(after)) => {
+                tracing::warn!(workload = %ctx.pod.id, src = %addr, peer_spiffe_id = %peer.spiffe_id,
+                    "tunnel from {} is dead: no PING answer in {after:?}", peer.spiffe_id)
+            }
+            Err(e) => {
+                tracing::debug!(workload = %ctx.pod.id, src = %addr, error = %e, "tunnel ended")
+            }
+            Ok(()) => {}
         },
         () = ctx.pod.released() => {
             tracing::info!(workload = %ctx.pod.id, src = %addr, "tunnel closed: the workload was released");

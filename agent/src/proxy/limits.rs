@@ -17,14 +17,15 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
 };
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::{Metrics, Rejection};
 
-/// The configured limits (`ambit run --max-*`, `--handshake-timeout-ms`).
+/// The configured limits (`ambit run --max-*`). The handshake deadline
+/// that frees a pending handshake's slot is the tunnel's
+/// (`--tunnel-handshake-timeout-ms`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LimitSettings {
     /// TLS handshakes in progress on the node's tunnel listeners.
@@ -32,8 +33,6 @@ pub struct LimitSettings {
     /// TLS handshakes in progress from one source address, so one peer
     /// cannot take the whole node-wide budget.
     pub max_pending_handshakes_per_source: usize,
-    /// A tunnel peer must finish its handshake within this long.
-    pub handshake_timeout: Duration,
     /// Concurrent connections of one pod, inbound and outbound each.
     pub max_connections_per_pod: usize,
     /// Concurrent connections of the whole node. Kept below RLIMIT_NOFILE
@@ -47,7 +46,6 @@ impl Default for LimitSettings {
         Self {
             max_pending_handshakes: 1024,
             max_pending_handshakes_per_source: 64,
-            handshake_timeout: Duration::from_secs(5),
             max_connections_per_pod: 16384,
             max_connections: 32768,
         }
@@ -138,10 +136,6 @@ impl PodLimits {
         )
     }
 
-    pub fn handshake_timeout(&self) -> Duration {
-        self.node.settings.handshake_timeout
-    }
-
     fn connection(&self, pod: &Arc<Semaphore>) -> Result<ConnectionPermit, Rejection> {
         let node = Arc::clone(&self.node.connections)
             .try_acquire_owned()
@@ -204,7 +198,6 @@ mod tests {
         LimitSettings {
             max_pending_handshakes: 4,
             max_pending_handshakes_per_source: 2,
-            handshake_timeout: Duration::from_secs(1),
             max_connections_per_pod: 3,
             max_connections: 5,
         }

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod loop_guard;
 pub mod outbound;
 pub mod relay;
+pub mod tunnel_socket;
 
 /// Accepts on `listener` until the task is aborted (the pod is unenrolled
 /// or the agent stops). Each connection must first pass `admit` (given the

@@ -16,6 +16,7 @@ use super::{
     dial::dial,
     limits::ConnectionPermit,
     relay::{RelayStats, relay},
+    tunnel_socket::set_liveness_options,
 };
 use crate::{
     audit,
@@ -24,7 +25,7 @@ use crate::{
     mesh::{Mesh, TunnelKey},
     pod::{PodContext, PodState},
     svids::hex,
-    tunnel::{HboneClient, TunnelError},
+    tunnel::{HboneClient, TunnelError, TunnelLease},
     workloads::directory::Destination,
 };
 
@@ -117,8 +118,8 @@ async fn via_tunnel(
     ctx: &OutboundContext,
 ) {
     let state = ctx.pod.state();
-    let client = match tunnel_to(orig_dst, &destination, &state, ctx).await {
-        Ok(client) => client,
+    let lease = match tunnel_to(orig_dst, &destination, &state, ctx).await {
+        Ok(lease) => lease,
         Err(reason) => {
             tracing::info!(workload = %ctx.pod.id, %orig_dst,
                 peer_spiffe_id = %destination.spiffe_id, reason = %reason,
@@ -126,7 +127,7 @@ async fn via_tunnel(
             return;
         }
     };
-    let mut stream = match client.connect(orig_dst).await {
+    let mut stream = match lease.connect(orig_dst).await {
         Ok(stream) => stream,
         Err(e) => {
             tracing::info!(workload = %ctx.pod.id, %orig_dst,
@@ -168,14 +169,15 @@ fn log_closed(
     );
 }
 
-/// A pooled tunnel from this pod's identity to the destination's agent,
-/// opened (from the pod's netns) if there is none.
+/// A stream slot on a pooled tunnel from this pod's identity to the
+/// destination's agent, opened (from the pod's netns) if every pooled one
+/// is full.
 async fn tunnel_to(
     orig_dst: SocketAddr,
     destination: &Destination,
     state: &PodState,
     ctx: &OutboundContext,
-) -> Result<HboneClient, String> {
+) -> Result<TunnelLease, String> {
     // Fail closed: no identity yet, no tunnel, and never plaintext instead.
     let svid = state
         .svid
@@ -201,19 +203,25 @@ async fn tunnel_to(
         settings.connect_timeout,
     );
     let (workload, peer) = (ctx.pod.id.clone(), destination.spiffe_id.clone());
+    let tunnel = *ctx.mesh.pool.config();
     let connect = move || async move {
+        let peer_name: Arc<str> = format!("{peer} at {peer_addr}").into();
         let tcp = dial(&netns, peer_addr, mark, timeout).await?;
         let _ = tcp.set_nodelay(true);
+        set_liveness_options(&tcp, &tunnel)?;
         let tls = tokio::time::timeout(
-            timeout,
+            tunnel.handshake_timeout,
             TlsConnector::from(Arc::new(config)).connect(ServerName::from(peer_addr.ip()), tcp),
         )
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+        .map_err(|_| {
+            TunnelError::timed_out("the TLS handshake", &peer_name, tunnel.handshake_timeout)
+        })?
         .map_err(|e| std::io::Error::new(e.kind(), handshake_failure_reason(&e)))?;
+        let client = HboneClient::handshake(tls, Arc::clone(&peer_name), &tunnel).await?;
         tracing::info!(workload = %workload, %peer_addr, peer_spiffe_id = %peer,
             local_serial = %hex(svid.serial()), "tunnel established");
-        HboneClient::handshake(tls).await
+        Ok(client)
     };
     ctx.mesh
         .pool

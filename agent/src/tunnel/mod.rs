@@ -14,29 +14,40 @@
 //! - [`serve`] accepts them and hands each valid one to the caller as an
 //!   [`InboundRequest`] to accept or reject,
 //! - [`HboneStream`] is one tunnelled connection as `AsyncRead + AsyncWrite`,
-//! - [`TunnelPool`] keeps one multiplexed client per key.
+//! - [`TunnelPool`] keeps multiplexed clients per key, opening another
+//!   when those it has are at the peer's stream limit.
+//!
+//! Every wait on the peer is bounded ([`TunnelConfig`]), and both ends PING
+//! each other, so a peer that vanished without a word is noticed in
+//! seconds rather than when TCP gives up.
 //!
 //! The source workload's identity is the TLS client certificate, verified by
 //! the TLS layer. Nothing here reads identity from HTTP headers.
 
 mod authority;
 mod client;
+mod config;
+mod liveness;
 mod pool;
 mod server;
 mod settings;
 mod stream;
+mod usage;
 
+#[cfg(test)]
+mod liveness_tests;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
 mod tests;
 
-use std::{io, sync::Arc};
+use std::{io, sync::Arc, time::Duration};
 
 use http::StatusCode;
 
-pub use client::HboneClient;
-pub use pool::TunnelPool;
+pub use client::{CloseReason, HboneClient};
+pub use config::TunnelConfig;
+pub use pool::{PoolObserver, TunnelLease, TunnelPool};
 pub use server::{InboundRequest, serve};
 pub use stream::HboneStream;
 
@@ -76,6 +87,37 @@ pub enum TunnelError {
     /// Establishing the underlying transport (TCP, TLS) failed.
     #[error("tunnel I/O failed: {0}")]
     Io(#[source] Arc<io::Error>),
+    /// The peer did not complete a step (`what`) in time.
+    #[error("{what} to {peer} timed out after {after:?}")]
+    TimedOut {
+        what: &'static str,
+        peer: Arc<str>,
+        after: Duration,
+    },
+    /// Every connection the pool may open to the peer was at its stream
+    /// limit for as long as a caller may wait.
+    #[error(
+        "all {connections} tunnel connections to {peer} are at their stream limit \
+         (waited {waited:?} for a free stream)"
+    )]
+    Saturated {
+        peer: Arc<str>,
+        connections: usize,
+        waited: Duration,
+    },
+    /// The peer stopped answering PINGs; the connection was dropped.
+    #[error("the peer did not answer a PING within {0:?}")]
+    NoPingAnswer(Duration),
+}
+
+impl TunnelError {
+    pub(crate) fn timed_out(what: &'static str, peer: &Arc<str>, after: Duration) -> Self {
+        TunnelError::TimedOut {
+            what,
+            peer: Arc::clone(peer),
+            after,
+        }
+    }
 }
 
 impl From<io::Error> for TunnelError {

@@ -8,7 +8,7 @@ use http::{HeaderMap, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
-use super::{HboneStream, TunnelError, authority, settings};
+use super::{HboneStream, TunnelConfig, TunnelError, authority, liveness, settings};
 
 /// Serves one HBONE connection: runs the HTTP/2 server handshake over `io`
 /// (an mTLS stream whose client certificate has been verified) and passes
@@ -21,21 +21,46 @@ use super::{HboneStream, TunnelError, authority, settings};
 /// `on_request` must not block: it should decide at once or move the
 /// request to a task. This future drives the connection, so it must keep
 /// running while any of its streams is in use. It returns when the peer
-/// closes the connection and every stream has ended, or with
-/// [`TunnelError::Connection`] if the connection fails. Dropping it closes
-/// the connection and breaks its streams.
+/// closes the connection and every stream has ended, with
+/// [`TunnelError::Connection`] if the connection fails, or with
+/// [`TunnelError::NoPingAnswer`] once the peer stops answering PINGs (so
+/// a client that vanished does not keep its streams and their upstream
+/// connections forever). The HTTP/2 handshake must finish within
+/// `config.handshake_timeout`. Dropping the future closes the connection
+/// and breaks its streams.
 pub async fn serve<IO>(
     io: IO,
+    config: &TunnelConfig,
     mut on_request: impl FnMut(InboundRequest) + Send,
 ) -> Result<(), TunnelError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut connection = settings::server_builder()
-        .handshake::<IO, Bytes>(io)
-        .await
-        .map_err(|e| TunnelError::Handshake(Arc::new(e)))?;
-    while let Some(next) = connection.accept().await {
+    let mut connection = tokio::time::timeout(
+        config.handshake_timeout,
+        settings::server_builder().handshake::<IO, Bytes>(io),
+    )
+    .await
+    .map_err(|_| {
+        TunnelError::timed_out(
+            "the HTTP/2 handshake",
+            &"the tunnel client".into(),
+            config.handshake_timeout,
+        )
+    })?
+    .map_err(|e| TunnelError::Handshake(Arc::new(e)))?;
+    let pings = connection
+        .ping_pong()
+        // Taken once per connection, right here: never `None`.
+        .ok_or_else(|| TunnelError::Handshake(Arc::new(h2::Reason::INTERNAL_ERROR.into())))?;
+    let dead = liveness::unanswered_ping(pings, config.ping_interval, config.ping_timeout);
+    tokio::pin!(dead);
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            () = &mut dead => return Err(TunnelError::NoPingAnswer(config.ping_timeout)),
+        };
+        let Some(next) = next else { break };
         let (request, mut respond) = next.map_err(|e| TunnelError::Connection(Arc::new(e)))?;
         let (parts, recv) = request.into_parts();
         match authority::parse_target(&parts.method, &parts.uri) {

@@ -10,6 +10,8 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::usage::StreamPermit;
+
 /// Largest chunk one `poll_write` hands to h2. Bounds the copy into a
 /// `Bytes` and keeps one stream from claiming the whole connection window
 /// in a single reservation.
@@ -34,6 +36,8 @@ pub struct HboneStream {
     unread: Bytes,
     /// END_STREAM was sent; later writes fail rather than wait on h2.
     write_closed: bool,
+    /// The client connection's stream slot, freed when this is dropped.
+    _permit: Option<StreamPermit>,
 }
 
 impl HboneStream {
@@ -43,7 +47,14 @@ impl HboneStream {
             recv,
             unread: Bytes::new(),
             write_closed: false,
+            _permit: None,
         }
+    }
+
+    /// Keeps `permit` (one of the connection's stream slots) until dropped.
+    pub(crate) fn holding(mut self, permit: StreamPermit) -> Self {
+        self._permit = Some(permit);
+        self
     }
 
     /// Why the send side can no longer be written, as a write error.

@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use super::{
-    HboneClient, HboneStream, InboundRequest, TunnelError, TunnelPool, settings,
+    HboneClient, HboneStream, InboundRequest, TunnelConfig, TunnelError, TunnelPool, settings,
     test_support::{connected, echo, pattern, spawn_server, within},
 };
 
@@ -445,15 +445,17 @@ fn types_fit_the_proxy() {
     stream::<HboneStream>();
     shared::<HboneClient>();
     shared::<TunnelPool<(String, SocketAddr)>>();
+    shared::<TunnelConfig>();
     shared::<TunnelError>();
 
     // The futures callers spawn are `Send`.
     fn spawnable<T: Send>(_: &T) {}
-    spawnable(&super::serve(tokio::io::duplex(1).0, |_| {}));
-    let pool = TunnelPool::<&str>::new();
+    let config = TunnelConfig::default();
+    spawnable(&super::serve(tokio::io::duplex(1).0, &config, |_| {}));
+    let pool = TunnelPool::<&str>::new(config);
     spawnable(&pool.get_or_connect("k", || async {
-        HboneClient::handshake(tokio::io::duplex(1).0).await
+        HboneClient::handshake(tokio::io::duplex(1).0, "peer", &TunnelConfig::default()).await
     }));
     let (client_io, _server_io) = tokio::io::duplex(1);
-    spawnable(&HboneClient::handshake(client_io));
+    spawnable(&HboneClient::handshake(client_io, "peer", &config));
 }
