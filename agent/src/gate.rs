@@ -114,8 +114,14 @@ impl Gate {
         }
         let mut record = conn.record(Event::Decision, outcome, &decision.reason);
         record.policy = decision.policy.clone();
-        record.rule = decision.rule.map(|r| r as u32);
-        self.audit.record(record);
+        record.rule = decision.rule.map(|r| u32::try_from(r).unwrap_or(u32::MAX));
+        if conn.source.is_none() && !decision.allowed {
+            // Costs the client one TCP connection: rate-limited per source
+            // so a flood cannot fill the log (the rest are summarised).
+            self.audit.record_unauthenticated(record);
+        } else {
+            self.audit.record(record);
+        }
     }
 
     /// A TLS handshake on the tunnel port failed: nothing was decided by
@@ -144,7 +150,7 @@ impl Gate {
             audit::Decision::Deny,
             &format!("TLS handshake failed: {reason}"),
         );
-        self.audit.record(record);
+        self.audit.record_unauthenticated(record);
     }
 
     /// Relays an allowed connection until both sides close or a newly
@@ -180,7 +186,7 @@ impl Gate {
         let mut record = conn.record(Event::Close, audit::Decision::Allow, reason);
         record.bytes_sent = Some(stats.sent);
         record.bytes_received = Some(stats.received);
-        record.duration_ms = Some(stats.duration.as_millis() as u64);
+        record.duration_ms = Some(u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX));
         self.audit.record(record);
     }
 
