@@ -308,6 +308,15 @@ fn audit(args: AuditArgs) -> anyhow::Result<()> {
                     first.seq, first.hash, first.prev_hash
                 );
             }
+            for file in &summary.files {
+                if let (Some((first, last)), Some(hash)) = (file.seqs, &file.last_line_hash) {
+                    println!(
+                        "{}: {} records, seq {first} to {last}, last record hash {hash}",
+                        file.path.display(),
+                        file.records
+                    );
+                }
+            }
             if summary.dropped > 0 {
                 println!(
                     "dropped records: {} (the writer fell behind or failed), in {} gaps:",

@@ -61,7 +61,7 @@ pub use limiter::LimiterConfig;
 pub use record::{AuditRecord, Decision, Destination, Direction, Event, Source};
 pub use timestamp::{format_rfc3339, now_rfc3339};
 pub use verify::{
-    ChainError, ExpectedStart, FirstRecord, Gap, Problem, Start, Summary, verify_files,
+    ChainError, ExpectedStart, FileSummary, FirstRecord, Gap, Problem, Start, Summary, verify_files,
 };
 pub use writer::{AuditLog, DEFAULT_QUEUE_CAPACITY};
 

@@ -301,16 +301,22 @@ fn rotation_keeps_five_generations_and_notes_each_deletion_in_the_chain() {
     let note: AuditRecord = serde_json::from_str(&lines(&path)[0]).unwrap();
     assert_eq!(note.event, Event::Rotated);
     assert_eq!(note.anchor_seq, Some(3));
+    // Per file: what an operator keeps before archiving it.
+    let oldest_last_line = lines(&files[0]).pop().unwrap();
+    let oldest = &summary.files[0];
+    assert_eq!((oldest.records, oldest.seqs), (1, Some((3, 3))));
+    let anchor_hash = chain::sha256_hex(oldest_last_line.as_bytes());
+    assert_eq!(oldest.last_line_hash.as_ref(), Some(&anchor_hash));
+    assert_eq!(summary.files[5].seqs, Some((10, 11)));
 
     // Deleting the oldest file by hand is not rotation: no note names the
     // new start.
-    let oldest_last_line = lines(&files[0]).pop().unwrap();
     fs::remove_file(&files[0]).unwrap();
     assert!(matches!(
         verify(&files[1..]),
         Err(ChainError::StartsMidChain { seq: 4, .. })
     ));
-    let anchor = ExpectedStart::Anchor(chain::sha256_hex(oldest_last_line.as_bytes()));
+    let anchor = ExpectedStart::Anchor(anchor_hash);
     assert_eq!(verify_files(&files[1..], &anchor).unwrap().records, 8);
 }
 

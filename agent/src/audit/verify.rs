@@ -60,6 +60,18 @@ pub struct Gap {
     pub dropped: u64,
 }
 
+/// One file of a verified set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileSummary {
+    pub path: PathBuf,
+    pub records: u64,
+    /// `seq` of its first and last record, `None` when it is empty.
+    pub seqs: Option<(u64, u64)>,
+    /// Hash of its last line: the `--anchor` for the files after it once
+    /// this one (and those before it) are archived and removed.
+    pub last_line_hash: Option<String>,
+}
+
 /// The result of a successful verification.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -77,6 +89,7 @@ pub struct Summary {
     /// Refusals counted in `suppressed` summaries, and how many summaries.
     pub suppressed: u64,
     pub summaries: u64,
+    pub files: Vec<FileSummary>,
 }
 
 /// The kind of the first problem found.
@@ -121,9 +134,11 @@ pub enum ChainError {
     },
     #[error(
         "{}:1: chain starts at seq {seq}, not at the beginning: records before it are missing; \
-         pass --anchor HASH (or --from-seq N) if this is expected (its prev_hash: {prev_hash})",
+         pass --anchor HASH (or --from-seq N) if this is expected",
         path.display()
     )]
+    // `prev_hash` is left out of the message on purpose: the anchor to pass
+    // is the one saved earlier, not whatever the files now say.
     StartsMidChain {
         path: PathBuf,
         seq: u64,
@@ -156,6 +171,8 @@ pub fn verify_files<P: AsRef<Path>>(
             error,
         };
         let file = File::open(path).map_err(io_err)?;
+        let before = state.summary.records;
+        let first_seq = state.expected.as_ref().map(|h| h.next_seq);
         state
             .read(path, BufReader::new(file))
             .map_err(|e| match e {
@@ -167,6 +184,18 @@ pub fn verify_files<P: AsRef<Path>>(
                     detail,
                 },
             })?;
+        let records = state.summary.records - before;
+        let last_seq = state
+            .expected
+            .as_ref()
+            .map(|h| h.next_seq.saturating_sub(1));
+        let first_seq = first_seq.or(state.summary.first_seq);
+        state.summary.files.push(FileSummary {
+            path: path.to_owned(),
+            records,
+            seqs: first_seq.zip(last_seq).filter(|_| records > 0),
+            last_line_hash: state.summary.last_line_hash.clone().filter(|_| records > 0),
+        });
     }
     state.judge_start(expected)?;
     Ok(state.summary)
