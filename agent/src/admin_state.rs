@@ -90,6 +90,7 @@ impl AdminState for AgentState {
                 .map(|s| (s.spiffe_id().as_str(), unix_seconds(s.not_after()))),
         );
         self.metrics.sync_audit_dropped(self.audit.dropped());
+        self.metrics.sync_audit_suppressed(self.audit.suppressed());
         let cache = self.engine.cache_stats();
         self.metrics.sync_decision_cache(cache.hits, cache.misses);
         let total = self.rejections.count();

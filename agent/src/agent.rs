@@ -187,9 +187,14 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let engine = Arc::new(Engine::new(Arc::clone(&policies.borrow())));
     engine.follow(policies.clone());
     let audit = Arc::new(match &config.audit_log {
-        Some(path) => AuditLog::open_file(path, config.audit_max_bytes, initial.node.clone())
-            .with_context(|| format!("opening audit log {}", path.display()))?,
-        None => AuditLog::stdout(initial.node.clone())?,
+        Some(path) => AuditLog::open_file(
+            path,
+            config.audit_max_bytes,
+            initial.node.clone(),
+            config.audit_limits.clone(),
+        )
+        .with_context(|| format!("opening audit log {}", path.display()))?,
+        None => AuditLog::stdout(initial.node.clone(), config.audit_limits.clone())?,
     });
     let gate = Arc::new(Gate {
         engine: Arc::clone(&engine),

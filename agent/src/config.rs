@@ -58,6 +58,8 @@ pub struct RunConfig {
     /// `None`: standard output.
     pub audit_log: Option<PathBuf>,
     pub audit_max_bytes: u64,
+    /// Rate limit of audit records without a verified source identity.
+    pub audit_limits: crate::audit::LimiterConfig,
     pub admin_addr: SocketAddr,
     /// Admission limits against floods (connections, pending handshakes).
     pub limits: crate::proxy::limits::LimitSettings,

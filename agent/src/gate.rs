@@ -121,8 +121,14 @@ impl Gate {
         }
         let mut record = conn.record(Event::Decision, outcome, &decision.reason);
         record.policy = decision.policy.clone();
-        record.rule = decision.rule.map(|r| r as u32);
-        self.audit.record(record);
+        record.rule = decision.rule.map(|r| u32::try_from(r).unwrap_or(u32::MAX));
+        if conn.source.is_none() && !decision.allowed {
+            // Costs the client one TCP connection: rate-limited per source
+            // so a flood cannot fill the log (the rest are summarised).
+            self.audit.record_unauthenticated(record);
+        } else {
+            self.audit.record(record);
+        }
     }
 
     /// A TLS handshake on the tunnel port failed: nothing was decided by
@@ -151,7 +157,7 @@ impl Gate {
             audit::Decision::Deny,
             &format!("TLS handshake failed: {reason}"),
         );
-        self.audit.record(record);
+        self.audit.record_unauthenticated(record);
     }
 
     /// Relays an allowed connection to `pod` until both sides close, a
@@ -249,4 +255,95 @@ pub fn unix_seconds(at: SystemTime) -> i64 {
         .unwrap_or(Duration::ZERO)
         .as_secs();
     i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        audit::LimiterConfig,
+        policy::{PolicySet, Settings},
+    };
+
+    fn gate(log: &Path) -> Gate {
+        // The mesh default (deny) decides everything: no policies.
+        let set = Arc::new(PolicySet::new(Vec::new(), Settings::default()).unwrap());
+        let (_tx, sets) = watch::channel(Arc::clone(&set));
+        let limits = LimiterConfig {
+            burst: 1,
+            per_sec: 0.001,
+            ..LimiterConfig::default()
+        };
+        Gate {
+            engine: Arc::new(Engine::new(set)),
+            sets,
+            audit: Arc::new(AuditLog::open_file(log, u64::MAX, "node-a", limits).unwrap()),
+            metrics: Arc::new(Metrics::new()),
+            close_on_policy_change: true,
+        }
+    }
+
+    fn connection(source: Option<&str>) -> Connection {
+        Connection {
+            direction: audit::Direction::Inbound,
+            source: source.map(|s| SpiffeId::parse(s).unwrap()),
+            source_addr: "198.18.0.12:40000".parse().unwrap(),
+            workload: Arc::new(Workload {
+                name: "server".into(),
+                namespace: "default".into(),
+                service_account: "server".into(),
+                labels: Default::default(),
+                netns: "/var/run/netns/server".into(),
+                ips: vec!["198.18.1.10".parse().unwrap()],
+                node: None,
+            }),
+            workload_id: None,
+            dst: "198.18.1.10:8080".parse().unwrap(),
+            tls_version: None,
+            peer_cert_serial: None,
+        }
+    }
+
+    #[test]
+    fn only_refusals_without_a_verified_identity_are_rate_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("audit.log");
+        let gate = gate(&log);
+        let plaintext = connection(None);
+        let peer = connection(Some("spiffe://cluster.local/ns/default/sa/frontend"));
+        for _ in 0..5 {
+            gate.deny(&plaintext, "plaintext from outside the mesh");
+            gate.handshake_failed(
+                plaintext.source_addr,
+                &plaintext.workload,
+                plaintext.dst,
+                HandshakeFailure::Timeout,
+                "timed out",
+            );
+            // Same source address, denied too, but authenticated.
+            assert!(!gate.decide(&peer).allowed);
+        }
+        assert_eq!(gate.audit.suppressed(), 9);
+        drop(gate); // the last reference closes the log, writing summaries
+        let records: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let authenticated = records
+            .iter()
+            .filter(|r| r["source"]["spiffe_id"].is_string())
+            .count();
+        assert_eq!(authenticated, 5);
+        let sourceless: Vec<&serde_json::Value> = records
+            .iter()
+            .filter(|r| r["source"]["spiffe_id"].is_null())
+            .collect();
+        assert_eq!(sourceless.len(), 2, "{sourceless:?}");
+        assert_eq!(sourceless[0]["event"], "decision");
+        assert_eq!(sourceless[1]["event"], "suppressed");
+        assert_eq!(sourceless[1]["suppressed"], 9);
+    }
 }

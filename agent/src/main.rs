@@ -101,6 +101,25 @@ struct RunArgs {
     /// Size at which the audit log file is rotated, in bytes.
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     audit_max_bytes: u64,
+    /// Audit records without a verified identity (failed TLS handshakes,
+    /// refused plaintext) one source address may produce at once; the rest
+    /// are counted into summaries.
+    #[arg(long, default_value_t = 20)]
+    audit_unauthenticated_burst: u32,
+    /// ... and per second after that burst, per source address.
+    #[arg(long, default_value = "1", value_parser = parse_rate)]
+    audit_unauthenticated_per_sec: f64,
+    /// ... and per second from all source addresses together.
+    #[arg(long, default_value = "100", value_parser = parse_rate)]
+    audit_unauthenticated_total_per_sec: f64,
+    /// Source addresses the audit rate limit tracks at once (the least
+    /// recently seen is forgotten first).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    audit_tracked_sources: u32,
+    /// Window over which one source's suppressed records are summarised in
+    /// one audit record, in seconds.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    audit_summary_interval_secs: u64,
     /// Address of the admin server (/metrics, /healthz, /readyz, /config_dump, /certs).
     #[arg(long, default_value = "127.0.0.1:15020")]
     admin_addr: std::net::SocketAddr,
@@ -236,6 +255,22 @@ struct AuditVerifyArgs {
     /// audit.log`.
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
+    /// The first record must carry this prev_hash: the "last record hash"
+    /// an earlier verify printed for files since archived and removed.
+    /// Without it (or --from-seq) the set must start at the chain's first
+    /// record or where a rotation note in the set says it does.
+    #[arg(long, value_name = "HASH", conflicts_with = "from_seq")]
+    anchor: Option<String>,
+    /// The first record must have this seq.
+    #[arg(long, value_name = "N")]
+    from_seq: Option<u64>,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("{text:?} is not a positive number")),
+    }
 }
 
 fn parse_u32(text: &str) -> Result<u32, String> {
@@ -299,6 +334,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         audit_log: (args.audit_log.as_os_str() != "-").then_some(args.audit_log),
         audit_max_bytes: args.audit_max_bytes,
+        audit_limits: ambit::audit::LimiterConfig {
+            burst: args.audit_unauthenticated_burst,
+            per_sec: args.audit_unauthenticated_per_sec,
+            total_per_sec: args.audit_unauthenticated_total_per_sec,
+            max_sources: usize::try_from(args.audit_tracked_sources).unwrap_or(usize::MAX),
+            summary_interval: Duration::from_secs(args.audit_summary_interval_secs),
+        },
         admin_addr: args.admin_addr,
         limits: args.limits.settings(nofile),
         tunnel: ambit::tunnel::TunnelConfig {
@@ -338,20 +380,68 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
 }
 
 fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    use ambit::audit::{ExpectedStart, Start};
+
     match args.command {
         AuditCommand::Verify(args) => {
-            // A broken chain comes back as an error naming FILE:LINE and the
-            // kind of problem, which `main` prints and turns into exit 1.
-            let summary = ambit::audit::verify_files(&args.files)?;
+            let expected = match (args.anchor, args.from_seq) {
+                (Some(anchor), _) => ExpectedStart::Anchor(anchor),
+                (None, Some(seq)) => ExpectedStart::Seq(seq),
+                (None, None) => ExpectedStart::Beginning,
+            };
+            // A broken chain, or a start with records missing before it,
+            // comes back as an error naming FILE:LINE and the problem, which
+            // `main` prints and turns into exit 1.
+            let summary = ambit::audit::verify_files(&args.files, &expected)?;
             println!("OK: {} records, chain intact", summary.records);
-            if let Some(first) = summary.first_seq.filter(|&seq| seq > 0) {
+            if let Some(first) = &summary.first {
+                let why = match first.start {
+                    Start::Genesis => "the beginning of the chain".to_owned(),
+                    Start::AfterRotation { noted_at } => format!(
+                        "older files were deleted by rotation, as the record at seq {noted_at} notes"
+                    ),
+                    Start::AsExpected => "as expected".to_owned(),
+                };
                 println!(
-                    "note: the chain starts at seq {first}; earlier records (rotated away) were not checked"
+                    "chain starts at seq {} (hash {}, prev_hash {}): {why}",
+                    first.seq, first.hash, first.prev_hash
+                );
+            }
+            for file in &summary.files {
+                if let (Some((first, last)), Some(hash)) = (file.seqs, &file.last_line_hash) {
+                    println!(
+                        "{}: {} records, seq {first} to {last}, last record hash {hash}",
+                        file.path.display(),
+                        file.records
+                    );
+                }
+            }
+            if summary.dropped > 0 {
+                println!(
+                    "dropped records: {} (the writer fell behind or failed), in {} gaps:",
+                    summary.dropped,
+                    summary.gaps.len()
+                );
+                for gap in summary.gaps.iter().take(10) {
+                    println!(
+                        "  {}:{}: {} records lost before seq {}",
+                        gap.path.display(),
+                        gap.line,
+                        gap.dropped,
+                        gap.seq
+                    );
+                }
+            }
+            if summary.summaries > 0 {
+                println!(
+                    "suppressed records: {} unauthenticated refusals in {} summaries",
+                    summary.suppressed, summary.summaries
                 );
             }
             if let Some(hash) = summary.last_line_hash {
                 // Kept elsewhere, this shows later whether records were cut
-                // off the end, which the chain alone cannot.
+                // off the end, which the chain alone cannot; it is also the
+                // --anchor of the files that follow once these are archived.
                 println!("last record hash: {hash}");
             }
             Ok(())

@@ -4,7 +4,7 @@
 use std::{
     ffi::OsString,
     fs::{self, File, OpenOptions},
-    io::{self, BufWriter, Read, Seek, SeekFrom, Write},
+    io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
@@ -12,7 +12,7 @@ use std::{
 use super::{
     AuditError,
     chain::{self, ChainHead, LineFault},
-    writer::Sink,
+    writer::{Anchor, Sink},
 };
 
 /// Rotated generations kept besides the live file: `path.1` (newest) to
@@ -26,7 +26,9 @@ const TAIL_MAX: u64 = 1 << 20;
 /// Writes sealed lines to `path`, rotating before a line would take the file
 /// past `max_bytes`. Rotation does not touch the chain: the first line of the
 /// new file links to the last line of `path.1`, so the generations verify in
-/// order as one chain.
+/// order as one chain. When rotation deletes the oldest generation,
+/// [`Sink::make_room`] returns where the retained files now start, which the
+/// writer seals into the chain as a `rotated` note.
 pub struct FileSink {
     path: PathBuf,
     max_bytes: u64,
@@ -86,21 +88,63 @@ impl FileSink {
 }
 
 impl Sink for FileSink {
-    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
-        let len = line.len() as u64 + 1;
+    fn make_room(&mut self, len: u64) -> io::Result<Option<Anchor>> {
         // A record larger than max_bytes still gets written, alone in its
         // file, rather than dropped.
-        if self.size > 0 && self.size + len > self.max_bytes {
-            self.rotate()?;
+        if self.size == 0 || self.size.saturating_add(len) <= self.max_bytes {
+            return Ok(None);
         }
+        let oldest = generation(&self.path, GENERATIONS);
+        // Renaming `path.(N-1)` over `path.N` is what deletes the oldest.
+        let deletes =
+            oldest.exists() && generation(&self.path, GENERATIONS.saturating_sub(1)).exists();
+        self.rotate()?;
+        Ok(if deletes { first_anchor(&oldest) } else { None })
+    }
+
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         self.out.write_all(line)?;
         self.out.write_all(b"\n")?;
-        self.size += len;
+        let len = u64::try_from(line.len()).unwrap_or(u64::MAX);
+        self.size = self.size.saturating_add(len).saturating_add(1);
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// The `seq` and `prev_hash` of the first record in `path`; `None` (and a
+/// warning) when it cannot be read or does not verify, in which case verify
+/// reports the set's start as unexplained, as it should.
+fn first_anchor(path: &Path) -> Option<Anchor> {
+    let read = || -> io::Result<Vec<u8>> {
+        let mut line = Vec::new();
+        BufReader::new(File::open(path)?)
+            .take(TAIL_MAX)
+            .read_until(b'\n', &mut line)?;
+        Ok(line)
+    };
+    let line = match read() {
+        Ok(line) => line,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e,
+                "cannot read the oldest audit generation to note where it starts");
+            return None;
+        }
+    };
+    let line = line.strip_suffix(b"\n").unwrap_or(&line);
+    match chain::check_line(line) {
+        Ok(rec) => Some(Anchor {
+            seq: rec.seq,
+            prev_hash: rec.prev_hash,
+        }),
+        Err(_) => {
+            tracing::warn!(path = %path.display(),
+                "the oldest audit generation's first record does not verify; not noting its start");
+            None
+        }
     }
 }
 

@@ -19,10 +19,19 @@
 //!
 //! Editing any byte of a record changes its hash; removing or reordering
 //! records breaks `seq` or `prev_hash`; a cut in the middle of a record
-//! leaves a line without a newline. Whole records cut off the end, or the
-//! oldest generations deleted, cannot be seen from the chain itself: compare
-//! [`Summary::last_line_hash`] and [`Summary::first_seq`] with a copy kept
-//! elsewhere.
+//! leaves a line without a newline. A set that does not start at the
+//! chain's first record fails verification unless a `rotated` note in the
+//! set names its start (rotation deleted the oldest file) or the caller
+//! passes the expected start ([`ExpectedStart`]). Whole records cut off the
+//! end cannot be seen from the chain itself: compare
+//! [`Summary::last_line_hash`] with a copy kept elsewhere.
+//!
+//! # What is not recorded one by one
+//!
+//! Records the writer loses (queue full, write failed) are counted into the
+//! next record it writes (`dropped_before`). Refusals without a verified
+//! source identity are rate-limited per source address ([`LimiterConfig`])
+//! and the rest are counted into `suppressed` summaries.
 //!
 //! # Files
 //!
@@ -35,6 +44,7 @@
 
 mod chain;
 mod file_sink;
+mod limiter;
 mod record;
 mod timestamp;
 mod verify;
@@ -47,9 +57,12 @@ use std::{io, path::PathBuf};
 
 pub use chain::GENESIS_HASH;
 pub use file_sink::{GENERATIONS, generation};
+pub use limiter::LimiterConfig;
 pub use record::{AuditRecord, Decision, Destination, Direction, Event, Source};
 pub use timestamp::{format_rfc3339, now_rfc3339};
-pub use verify::{ChainError, Problem, Summary, verify_files};
+pub use verify::{
+    ChainError, ExpectedStart, FileSummary, FirstRecord, Gap, Problem, Start, Summary, verify_files,
+};
 pub use writer::{AuditLog, DEFAULT_QUEUE_CAPACITY};
 
 /// Why the audit log could not be opened.

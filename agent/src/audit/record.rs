@@ -6,12 +6,20 @@ use serde::{Deserialize, Serialize};
 
 use super::timestamp;
 
-/// What happened: a policy decision on a new connection, or its close.
+/// What happened: a policy decision on a new connection, its close, a
+/// summary of unauthenticated failures not recorded one by one, or a note
+/// that rotation deleted the oldest audit file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Event {
     Decision,
     Close,
+    /// `suppressed` records this many sourceless refusals from one source
+    /// (see [`super::LimiterConfig`]).
+    Suppressed,
+    /// Rotation deleted the oldest generation; `anchor_seq` and `anchor`
+    /// name where the retained set now starts.
+    Rotated,
 }
 
 /// Which side of the node the connection belongs to: `inbound` is towards a
@@ -81,9 +89,13 @@ pub struct Destination {
 ///
 /// Field order is the order of the JSON members on disk and is part of the
 /// hashed bytes: do not reorder fields without a format version bump.
-/// `seq`, `prev_hash`, `hash` and `node` are owned by the writer
-/// ([`super::AuditLog`]) and overwritten when the record is written, so
-/// callers leave them at their defaults.
+/// `seq`, `prev_hash`, `hash`, `node` and `dropped_before` are owned by the
+/// writer ([`super::AuditLog`]) and overwritten when the record is written,
+/// so callers leave them at their defaults.
+///
+/// Members added after the first release are optional and skipped when
+/// absent, so lines written before them keep their exact bytes and hashes
+/// (connection members are absent only on `rotated` notes).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
     /// Position in the chain, 0 for the first record of a new chain.
@@ -95,10 +107,14 @@ pub struct AuditRecord {
     pub time: String,
     pub node: String,
     pub event: Event,
-    pub direction: Direction,
-    pub source: Source,
-    pub destination: Destination,
-    pub decision: Decision,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Destination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
     /// `namespace/name` of the policy that decided, if any (absent when the
     /// mesh-wide default decided).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,6 +138,25 @@ pub struct AuditRecord {
     /// Serial number of the peer certificate, lower-case hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_cert_serial: Option<String>,
+    /// Records lost between the previous line and this one (the writer's
+    /// queue was full or a write failed): the gap shows in the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_before: Option<u64>,
+    /// Sourceless refusals from this source that were counted instead of
+    /// recorded one by one (`suppressed` events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
+    /// Time of the first and the last of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_time: Option<String>,
+    /// `rotated` notes: `seq` of the first record rotation kept, and that
+    /// record's `prev_hash` (the hash of the last line deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<String>,
     /// Hex SHA-256 of this line without this member (see [`super`] docs).
     /// Empty until sealed; an empty hash is not serialized, which is how the
     /// hashed bytes are produced.
@@ -141,23 +176,53 @@ impl AuditRecord {
         reason: impl Into<String>,
     ) -> Self {
         AuditRecord {
+            direction: Some(direction),
+            source: Some(source),
+            destination: Some(destination),
+            decision: Some(decision),
+            ..Self::bare(event, reason.into())
+        }
+    }
+
+    /// A note that rotation deleted the oldest generation and the retained
+    /// set starts at `anchor_seq`, whose `prev_hash` is `anchor`.
+    pub fn rotated(anchor_seq: u64, anchor: String) -> Self {
+        let reason = format!(
+            "rotation deleted the oldest audit file; the retained files start at seq {anchor_seq}"
+        );
+        AuditRecord {
+            anchor_seq: Some(anchor_seq),
+            anchor: Some(anchor),
+            ..Self::bare(Event::Rotated, reason)
+        }
+    }
+
+    /// `event` now, every other member absent.
+    fn bare(event: Event, reason: String) -> Self {
+        AuditRecord {
             seq: 0,
             prev_hash: String::new(),
             time: timestamp::now_rfc3339(),
             node: String::new(),
             event,
-            direction,
-            source,
-            destination,
-            decision,
+            direction: None,
+            source: None,
+            destination: None,
+            decision: None,
             policy: None,
             rule: None,
-            reason: reason.into(),
+            reason,
             bytes_sent: None,
             bytes_received: None,
             duration_ms: None,
             tls_version: None,
             peer_cert_serial: None,
+            dropped_before: None,
+            suppressed: None,
+            first_time: None,
+            last_time: None,
+            anchor_seq: None,
+            anchor: None,
             hash: String::new(),
         }
     }

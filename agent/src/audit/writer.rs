@@ -5,25 +5,44 @@ use std::{
     io::{self, BufWriter, Stdout, Write},
     path::Path,
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
-        mpsc::{self, Receiver, SyncSender, TrySendError},
+        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
     },
     thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use super::{
     AuditError, AuditRecord,
     chain::{self, ChainHead},
     file_sink::FileSink,
+    limiter::{Limiter, LimiterConfig},
 };
 
 /// Records queued for the writer before [`AuditLog::record`] starts
 /// dropping.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
 
+/// The longest the writer sleeps between looks at due summaries.
+const SUMMARY_TICK: Duration = Duration::from_secs(1);
+
+/// Where the retained records start after rotation deleted older ones: the
+/// first kept record's `seq` and `prev_hash`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Anchor {
+    pub seq: u64,
+    pub prev_hash: String,
+}
+
 /// Where sealed lines go.
 pub trait Sink: Send + 'static {
+    /// Makes room for a line of `len` bytes (with its newline), e.g. by
+    /// rotating. Returns where the retained records start if that deleted
+    /// older records, so the writer can note it in the chain.
+    fn make_room(&mut self, _len: u64) -> io::Result<Option<Anchor>> {
+        Ok(None)
+    }
     /// Writes one line; the sink adds the newline.
     fn write_line(&mut self, line: &[u8]) -> io::Result<()>;
     fn flush(&mut self) -> io::Result<()>;
@@ -36,15 +55,21 @@ pub trait Sink: Send + 'static {
 /// the record is dropped, counted in [`dropped`] and logged at WARN; the
 /// connection proceeds with the decision policy made. The alternative —
 /// denying traffic or blocking the proxy until the disk catches up — would
-/// turn a full disk into a mesh outage. Drops leave no gap in the chain
-/// (the chain links written records), so they are visible only through the
-/// counter (`ambit_audit_records_dropped_total`).
+/// turn a full disk into a mesh outage. Drops do show in the chain: the next
+/// record written carries `dropped_before` with the number lost since the
+/// previous one, and `ambit audit verify` adds them up.
+///
+/// Records without a verified source identity go through
+/// [`record_unauthenticated`], which rate-limits them per source address and
+/// writes summaries of what it held back (see [`LimiterConfig`]).
 ///
 /// [`record`]: AuditLog::record
+/// [`record_unauthenticated`]: AuditLog::record_unauthenticated
 /// [`dropped`]: AuditLog::dropped
 pub struct AuditLog {
     tx: Option<SyncSender<AuditRecord>>,
-    dropped: Arc<AtomicU64>,
+    drops: Arc<Drops>,
+    limiter: Arc<Mutex<Limiter>>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -55,20 +80,22 @@ impl AuditLog {
         path: impl AsRef<Path>,
         max_bytes: u64,
         node: impl Into<String>,
+        limits: LimiterConfig,
     ) -> Result<Self, AuditError> {
         let (sink, head) = FileSink::open(path.as_ref(), max_bytes)?;
-        Self::spawn(sink, head, node.into(), DEFAULT_QUEUE_CAPACITY)
+        Self::spawn(sink, head, node.into(), DEFAULT_QUEUE_CAPACITY, limits)
     }
 
     /// Writes to standard output (for a log collector). Each process starts
     /// a new chain at `seq` 0, as there is no previous line to read back.
-    pub fn stdout(node: impl Into<String>) -> Result<Self, AuditError> {
+    pub fn stdout(node: impl Into<String>, limits: LimiterConfig) -> Result<Self, AuditError> {
         let sink = StdoutSink(BufWriter::new(io::stdout()));
         Self::spawn(
             sink,
             ChainHead::genesis(),
             node.into(),
             DEFAULT_QUEUE_CAPACITY,
+            limits,
         )
     }
 
@@ -77,14 +104,19 @@ impl AuditLog {
         head: ChainHead,
         node: String,
         capacity: usize,
+        limits: LimiterConfig,
     ) -> Result<Self, AuditError> {
         let (tx, rx) = mpsc::sync_channel(capacity);
-        let dropped = Arc::new(AtomicU64::new(0));
+        let drops = Arc::new(Drops::default());
+        let tick = SUMMARY_TICK.min(limits.summary_interval);
+        let limiter = Arc::new(Mutex::new(Limiter::new(limits, Instant::now())));
         let worker = Worker {
             sink,
             head,
             node,
-            dropped: dropped.clone(),
+            drops: Arc::clone(&drops),
+            limiter: Arc::clone(&limiter),
+            tick: tick.max(Duration::from_millis(10)),
         };
         // A plain thread, not a tokio task: file writes block, and this keeps
         // them off the runtime's workers without needing spawn_blocking.
@@ -94,29 +126,50 @@ impl AuditLog {
             .map_err(AuditError::Spawn)?;
         Ok(AuditLog {
             tx: Some(tx),
-            dropped,
+            drops,
+            limiter,
             worker: Some(worker),
         })
     }
 
     /// Queues `rec` without blocking. The writer sets `node`, `seq`,
-    /// `prev_hash` and `hash`.
+    /// `prev_hash`, `hash` and `dropped_before`.
     pub fn record(&self, rec: AuditRecord) {
         let Some(tx) = &self.tx else { return };
-        let why = match tx.try_send(rec) {
-            Ok(()) => return,
-            Err(TrySendError::Full(_)) => "the audit queue is full",
-            Err(TrySendError::Disconnected(_)) => "the audit writer has stopped",
-        };
-        count_drop(&self.dropped, why);
+        match tx.try_send(rec) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.drops.lost(1, 1, "the audit queue is full"),
+            // Nothing will be written after this, so there is no next
+            // record to carry the count.
+            Err(TrySendError::Disconnected(_)) => {
+                self.drops.lost(1, 0, "the audit writer has stopped");
+            }
+        }
+    }
+
+    /// Queues a refusal that no verified identity stands behind (a failed
+    /// TLS handshake, plaintext refused), unless its source is over its rate
+    /// limit: then it is counted into that source's next `suppressed`
+    /// summary instead.
+    pub fn record_unauthenticated(&self, rec: AuditRecord) {
+        let admitted = lock(&self.limiter).admit(rec, Instant::now());
+        if let Some(rec) = admitted {
+            self.record(rec);
+        }
     }
 
     /// Records dropped so far: queue full, writer gone, or write failed.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.drops.total.load(Ordering::Relaxed)
     }
 
-    /// Writes what is queued, flushes and stops the writer.
+    /// Unauthenticated refusals counted into summaries instead of recorded.
+    pub fn suppressed(&self) -> u64 {
+        lock(&self.limiter).suppressed()
+    }
+
+    /// Writes what is queued and every pending summary, flushes and stops
+    /// the writer.
     pub fn close(mut self) {
         self.shutdown();
     }
@@ -138,15 +191,34 @@ impl Drop for AuditLog {
     }
 }
 
-/// Logs the first drop and then at each power of two, so a stuck disk shows
-/// up in the logs without the log itself becoming the next bottleneck.
-fn count_drop(dropped: &AtomicU64, why: &str) {
-    let total = dropped.fetch_add(1, Ordering::Relaxed) + 1;
-    if total.is_power_of_two() {
-        tracing::warn!(
-            dropped_total = total,
-            "{why}: audit record dropped (the connection's decision is not affected)"
-        );
+fn lock(limiter: &Mutex<Limiter>) -> MutexGuard<'_, Limiter> {
+    // The limiter's state is counters and buckets: a panic elsewhere while it
+    // was held leaves nothing worth refusing to go on with.
+    limiter.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Records lost: in total, and since the last record written (which the
+/// next one written carries as `dropped_before`).
+#[derive(Default)]
+struct Drops {
+    total: AtomicU64,
+    unsealed: AtomicU64,
+}
+
+impl Drops {
+    /// Counts `records` more lost and `unsealed` more for the next record's
+    /// `dropped_before`. Logs the first loss and then at each power of two,
+    /// so a stuck disk shows up in the logs without the log itself becoming
+    /// the next bottleneck.
+    fn lost(&self, records: u64, unsealed: u64, why: &str) {
+        self.unsealed.fetch_add(unsealed, Ordering::Relaxed);
+        let total = self.total.fetch_add(records, Ordering::Relaxed) + records;
+        if total.is_power_of_two() {
+            tracing::warn!(
+                dropped_total = total,
+                "{why}: audit record dropped (the connection's decision is not affected)"
+            );
+        }
     }
 }
 
@@ -154,39 +226,85 @@ struct Worker<S> {
     sink: S,
     head: ChainHead,
     node: String,
-    dropped: Arc<AtomicU64>,
+    drops: Arc<Drops>,
+    limiter: Arc<Mutex<Limiter>>,
+    tick: Duration,
 }
 
 impl<S: Sink> Worker<S> {
     fn run(mut self, rx: Receiver<AuditRecord>) {
-        while let Ok(rec) = rx.recv() {
-            self.write(rec);
-            // Batch whatever else is already queued, then flush once: one
-            // flush per burst rather than per record, and nothing sits in
-            // the buffer while the queue is idle.
-            while let Ok(rec) = rx.try_recv() {
-                self.write(rec);
+        loop {
+            match rx.recv_timeout(self.tick) {
+                Ok(rec) => {
+                    self.write(rec);
+                    // Batch whatever else is already queued, then flush once:
+                    // one flush per burst rather than per record, and nothing
+                    // sits in the buffer while the queue is idle.
+                    while let Ok(rec) = rx.try_recv() {
+                        self.write(rec);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
             }
-            if let Err(e) = self.sink.flush() {
-                tracing::error!(error = %e, "cannot flush the audit log");
+            let due = lock(&self.limiter).due(Instant::now());
+            for summary in due {
+                self.write(summary);
             }
+            self.flush();
+        }
+        // Counts held back must not vanish with the process.
+        let pending = lock(&self.limiter).drain();
+        for summary in pending {
+            self.write(summary);
+        }
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        if let Err(e) = self.sink.flush() {
+            tracing::error!(error = %e, "cannot flush the audit log");
         }
     }
 
     fn write(&mut self, mut rec: AuditRecord) {
-        rec.node.clone_from(&self.node);
-        let line = chain::seal(&mut rec, &self.head);
-        match self.sink.write_line(&line) {
-            Ok(()) => self.head = ChainHead::after(rec.seq, &line),
-            Err(e) => {
-                // The chain stays at the last record written. If part of the
-                // line reached the file, `verify` reports it at that line: a
-                // failed write must stay visible.
-                tracing::error!(error = %e, seq = rec.seq, "cannot write an audit record");
-                count_drop(&self.dropped, "write failed");
-            }
+        let unsealed = self.drops.unsealed.swap(0, Ordering::Relaxed);
+        rec.dropped_before = (unsealed > 0).then_some(unsealed);
+        if let Err(e) = self.seal_and_write(&mut rec) {
+            // The chain stays at the last record written. If part of the
+            // line reached the file, `verify` reports it at that line: a
+            // failed write must stay visible. The count this record carried
+            // moves on to the next one, with this record added.
+            tracing::error!(error = %e, seq = rec.seq, "cannot write an audit record");
+            self.drops.lost(1, unsealed + 1, "write failed");
         }
     }
+
+    fn seal_and_write(&mut self, rec: &mut AuditRecord) -> io::Result<()> {
+        rec.node.clone_from(&self.node);
+        let mut line = chain::seal(rec, &self.head);
+        if let Some(anchor) = self.sink.make_room(line_len(&line))? {
+            // The note goes first in the new file, so the chain itself says
+            // where the retained records start and verify can tell rotation
+            // from records cut off the head.
+            let mut note = AuditRecord::rotated(anchor.seq, anchor.prev_hash);
+            note.node.clone_from(&self.node);
+            let note_line = chain::seal(&mut note, &self.head);
+            self.sink.write_line(&note_line)?;
+            self.head = ChainHead::after(note.seq, &note_line);
+            line = chain::seal(rec, &self.head);
+        }
+        self.sink.write_line(&line)?;
+        self.head = ChainHead::after(rec.seq, &line);
+        Ok(())
+    }
+}
+
+/// Bytes `line` takes on disk, with its newline.
+fn line_len(line: &[u8]) -> u64 {
+    u64::try_from(line.len())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
 }
 
 struct StdoutSink(BufWriter<Stdout>);

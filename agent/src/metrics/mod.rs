@@ -61,6 +61,7 @@ pub struct Metrics {
     decision_cache_hits: IntCounter,
     decision_cache_misses: IntCounter,
     audit_records_dropped: IntCounter,
+    audit_records_suppressed: IntCounter,
 }
 
 impl Default for Metrics {
@@ -153,6 +154,11 @@ impl Metrics {
                 &registry,
                 "ambit_audit_records_dropped_total",
                 "Audit records dropped because the audit writer fell behind or failed.",
+            ),
+            audit_records_suppressed: counter(
+                &registry,
+                "ambit_audit_records_suppressed_total",
+                "Refusals without a verified identity counted into audit summaries instead of recorded one by one (rate limit).",
             ),
             registry,
         }
@@ -253,6 +259,16 @@ impl Metrics {
         let current = self.audit_records_dropped.get();
         if total > current {
             self.audit_records_dropped.inc_by(total - current);
+        }
+    }
+
+    /// Advances the suppressed-audit-records counter to `total`, the running
+    /// count from [`crate::audit::AuditLog::suppressed`]. Never goes
+    /// backwards.
+    pub fn sync_audit_suppressed(&self, total: u64) {
+        let current = self.audit_records_suppressed.get();
+        if total > current {
+            self.audit_records_suppressed.inc_by(total - current);
         }
     }
 

@@ -14,6 +14,7 @@ fn every_metric_is_registered_with_the_ambit_prefix() {
         "ambit_policy_decision_cache_hits_total",
         "ambit_policy_decision_cache_misses_total",
         "ambit_audit_records_dropped_total",
+        "ambit_audit_records_suppressed_total",
     ] {
         assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
     }
