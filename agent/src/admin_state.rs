@@ -20,7 +20,7 @@ use crate::{
     identity::SpiffeId,
     metrics::Metrics,
     policy::{Engine, PolicySet, Rejections},
-    svids::{SvidStore, hex},
+    svids::SvidStore,
     workloads::Workload,
 };
 
@@ -151,7 +151,7 @@ impl AdminState for AgentState {
             .iter()
             .map(|s| CertInfo {
                 spiffe_id: s.spiffe_id().as_str().to_owned(),
-                serial: hex(s.serial()),
+                serial: hex::encode(s.serial()),
                 not_before: rfc3339(s.certificate().not_before()),
                 not_after: rfc3339(s.not_after()),
             })

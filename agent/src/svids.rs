@@ -19,7 +19,7 @@ use crate::{
     identity::{CertificateAuthority, SpiffeId, Svid, TrustBundles},
 };
 
-/// Where SVIDs come from (DESIGN.md §2). Both sources only ever issue for
+/// Where SVIDs come from. Both sources only ever issue for
 /// workloads on this node: the embedded CA because it only serves this
 /// agent, the remote CA because it checks the node credential.
 pub enum IdentitySource {
@@ -180,7 +180,7 @@ async fn keep_fresh(
                 let rotated = tx.borrow().is_some();
                 tracing::info!(
                     spiffe_id = %id,
-                    serial = %hex(svid.serial()),
+                    serial = %hex::encode(svid.serial()),
                     renew_in_secs = renew_in.as_secs(),
                     "{}", if rotated { "svid rotated" } else { "svid issued" }
                 );
@@ -199,9 +199,4 @@ async fn keep_fresh(
             }
         }
     }
-}
-
-/// Lower-case hex, as certificate serials are usually shown.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -55,7 +55,8 @@ fuzz_target!(|data: &[u8]| {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let seen: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
         let server_seen = Arc::clone(&seen);
-        let server = ambit::tunnel::serve(server_io, move |request| {
+        let config = ambit::tunnel::TunnelConfig::default();
+        let server = ambit::tunnel::serve(server_io, &config, move |request| {
             if let Ok(mut seen) = server_seen.lock() {
                 seen.push(request.target);
             }

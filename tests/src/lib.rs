@@ -1,5 +1,5 @@
 //! A testbed of simulated Kubernetes nodes and pods on one machine
-//! (DESIGN.md §6), shared by the e2e tests, the demo and the benchmarks.
+//! (docs/architecture.md), shared by the e2e tests, the demo and the benchmarks.
 //!
 //! * A **node** is a network namespace with a bridge for its pods, IP
 //!   forwarding on, and its own cgroup (the agent attaches its programs there

@@ -1,4 +1,4 @@
-//! The admin HTTP server (DESIGN §3), default `127.0.0.1:15020`:
+//! The admin HTTP server (docs/operations.md), default `127.0.0.1:15020`:
 //!
 //! | path           | answer                                                       |
 //! |----------------|--------------------------------------------------------------|

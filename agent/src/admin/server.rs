@@ -14,7 +14,7 @@ use tokio::{net::TcpListener, task::JoinSet};
 
 use super::{AdminError, AdminState, routes};
 
-/// The admin port of DESIGN §3, on loopback: the endpoints describe the
+/// The admin port (docs/operations.md), on loopback: the endpoints describe the
 /// node's workloads and certificates and are not meant for the network.
 pub const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 15020);

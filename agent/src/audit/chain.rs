@@ -88,7 +88,7 @@ pub fn check_line(line: &[u8]) -> Result<AuditRecord, LineFault> {
     let mut hasher = Sha256::new();
     hasher.update(body_open);
     hasher.update(b"}");
-    let computed = hex(&hasher.finalize());
+    let computed = hex::encode(hasher.finalize());
     if computed.as_bytes() != recorded {
         return Err(LineFault::Edited(format!(
             "hash mismatch: recorded {}, computed {computed}",
@@ -112,13 +112,5 @@ fn split_hash(line: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    hex::encode(Sha256::digest(bytes))
 }

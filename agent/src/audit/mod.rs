@@ -1,4 +1,4 @@
-//! The tamper-evident audit log (DESIGN §3).
+//! The tamper-evident audit log (docs/architecture.md, "Policy, audit, metrics").
 //!
 //! One JSON object per line ([`AuditRecord`]), written for every policy
 //! decision and every connection close.

@@ -1,4 +1,4 @@
-//! One audit record: the schema of a line of the audit log (DESIGN §3).
+//! One audit record: the schema of a line of the audit log (docs/architecture.md, "Policy, audit, metrics").
 
 use std::net::{IpAddr, SocketAddr};
 

@@ -1,5 +1,5 @@
 //! The cluster CA service (`ambit ca`) and the node agent's client for it
-//! (DESIGN.md §2).
+//! (docs/operations.md, "`ambit ca`").
 //!
 //! The CA holds one [`CertificateAuthority`](crate::identity::CertificateAuthority)
 //! in memory (its keys are never written) and issues X.509-SVIDs to node

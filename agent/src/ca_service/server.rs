@@ -357,7 +357,7 @@ impl CaServer {
         tracing::info!(
             node,
             id = %id,
-            serial = %hex(svid.serial()),
+            serial = %hex::encode(svid.serial()),
             dir = %bootstrap::node_dir(&self.bootstrap_dir, node).display(),
             "wrote the node bootstrap credential"
         );
@@ -595,7 +595,7 @@ impl State {
                 tracing::info!(
                     node,
                     spiffe_id = %cert.spiffe_id(),
-                    serial = %hex(cert.serial()),
+                    serial = %hex::encode(cert.serial()),
                     not_after = %humantime(cert.not_after()),
                     "issued SVID"
                 );
@@ -670,10 +670,6 @@ impl State {
             })
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// RFC 3339 UTC, for logs.

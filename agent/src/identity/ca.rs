@@ -31,7 +31,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::spiffe_id::{SpiffeId, TrustDomain};
 
-/// TTL of an SVID when the caller has no opinion (DESIGN.md §2).
+/// TTL of an SVID when the caller has no opinion.
 pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Shortest TTL: below this, renewal at half life would churn.
 pub const MIN_SVID_TTL: Duration = Duration::from_secs(60);
@@ -170,7 +170,7 @@ impl fmt::Debug for SvidCertificate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SvidCertificate")
             .field("spiffe_id", &self.spiffe_id)
-            .field("serial", &hex(&self.serial))
+            .field("serial", &hex::encode(&self.serial))
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
     }
@@ -488,8 +488,4 @@ fn unix_to_system(secs: i64) -> Result<SystemTime, CaError> {
     OffsetDateTime::from_unix_timestamp(secs)
         .map(SystemTime::from)
         .map_err(|e| CaError::Inspect(e.to_string()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

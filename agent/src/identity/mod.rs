@@ -1,4 +1,4 @@
-//! Workload identity (DESIGN.md §2): SPIFFE IDs, the built-in CA that issues
+//! Workload identity (docs/architecture.md, "Identity"): SPIFFE IDs, the built-in CA that issues
 //! X.509-SVIDs, and the SPIFFE peer verifier the tunnel's rustls
 //! configurations use.
 

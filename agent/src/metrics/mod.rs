@@ -1,4 +1,4 @@
-//! Prometheus metrics (DESIGN §3), served by [`crate::admin`] on `/metrics`.
+//! Prometheus metrics (listed in docs/operations.md), served by [`crate::admin`] on `/metrics`.
 //!
 //! Every label has a fixed, small value set (directions, decisions,
 //! handshake failure reasons) except `spiffe_id` on the SVID expiry gauge,

@@ -1,4 +1,4 @@
-//! Identity-based L4 authorization (DESIGN.md §3).
+//! Identity-based L4 authorization (docs/architecture.md, "Policy, audit, metrics").
 //!
 //! Policies are `AuthorizationPolicy` documents, with Istio's semantics
 //! restricted to what an L4 agent can see (peer SPIFFE ID, destination

@@ -88,7 +88,7 @@ impl PolicySet {
     }
 
     /// The set to serve before any valid policy has been loaded: denies
-    /// everything, whatever the mesh default (DESIGN.md §1, fail closed).
+    /// everything, whatever the mesh default (fail closed).
     pub fn fail_closed(settings: Settings) -> Self {
         Self {
             policies: Vec::new(),

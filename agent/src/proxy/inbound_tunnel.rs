@@ -25,7 +25,6 @@ use crate::{
     },
     metrics::HandshakeFailure,
     pod::PodContext,
-    svids::hex,
     tunnel::{self, InboundRequest, TunnelConfig, TunnelError},
 };
 
@@ -259,6 +258,6 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
 
 fn leaf_serial(leaf: &CertificateDer<'_>) -> String {
     x509_parser::parse_x509_certificate(leaf)
-        .map(|(_, cert)| hex(cert.raw_serial()))
+        .map(|(_, cert)| hex::encode(cert.raw_serial()))
         .unwrap_or_default()
 }

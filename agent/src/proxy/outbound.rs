@@ -24,7 +24,6 @@ use crate::{
     identity::{SpiffeId, client_config, handshake_failure_reason},
     mesh::{Mesh, TunnelKey},
     pod::{PodContext, PodState},
-    svids::hex,
     tunnel::{HboneClient, TunnelError, TunnelLease},
     workloads::directory::Destination,
 };
@@ -220,7 +219,7 @@ async fn tunnel_to(
         .map_err(|e| std::io::Error::new(e.kind(), handshake_failure_reason(&e)))?;
         let client = HboneClient::handshake(tls, Arc::clone(&peer_name), &tunnel).await?;
         tracing::info!(workload = %workload, %peer_addr, peer_spiffe_id = %peer,
-            local_serial = %hex(svid.serial()), "tunnel established");
+            local_serial = %hex::encode(svid.serial()), "tunnel established");
         Ok(client)
     };
     ctx.mesh

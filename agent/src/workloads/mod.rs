@@ -106,7 +106,8 @@ impl NodeWorkloads {
     }
 }
 
-/// The enrollment rule of DESIGN.md §4.
+/// The enrollment rule: a pod label `ambit.dev/mesh` wins; without one, the
+/// namespace's label decides.
 pub fn is_enrolled(pod_labels: &Labels, namespace_labels: Option<&Labels>) -> bool {
     match pod_labels.get(MESH_LABEL).map(String::as_str) {
         Some("enabled") => true,

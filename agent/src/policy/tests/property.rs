@@ -136,7 +136,7 @@ fn request() -> impl Strategy<Value = Req> {
         })
 }
 
-/// The rules of DESIGN.md §3 read literally, over every policy.
+/// The policy rules of docs/architecture.md read literally, over every policy.
 fn reference(policies: &[Policy], req: &Req, default: DefaultAction) -> (bool, bool) {
     let applies = |p: &&Policy| {
         (p.namespace == req.namespace || p.namespace == ROOT) && p.selects(&req.labels)
