@@ -14,7 +14,7 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch, task::JoinH
 
 use crate::{
     admin::AdminServer,
-    admin_state::AgentState,
+    agent_state::AgentState,
     audit::AuditLog,
     ca_service::{BUNDLE_FILE, CaClient, NODE_CHAIN_FILE, NODE_KEY_FILE, NODES_DIR},
     capture::Capture,

@@ -3,8 +3,8 @@
 //! The binary (`ambit`) is a thin CLI over these modules; see docs/architecture.md.
 
 pub mod admin;
-pub mod admin_state;
 pub mod agent;
+pub mod agent_state;
 pub mod audit;
 pub mod ca_service;
 pub mod capture;

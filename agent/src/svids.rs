@@ -191,12 +191,34 @@ async fn keep_fresh(
                 tokio::time::sleep(renew_in).await;
             }
             Err(e) => {
+                // Jittered, so the agents of a cluster that all lost the CA
+                // at once do not come back to it in lockstep.
+                let delay = jittered(retry);
                 tracing::warn!(spiffe_id = %id, error = %format!("{e:#}"),
-                    retry_in_ms = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX),
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                     "cannot obtain svid");
-                tokio::time::sleep(retry).await;
+                tokio::time::sleep(delay).await;
                 retry = (retry * 2).min(RETRY_MAX);
             }
         }
+    }
+}
+
+/// A delay drawn uniformly from [delay / 2, delay].
+fn jittered(delay: Duration) -> Duration {
+    delay.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_to_full_delay_and_varies() {
+        let base = Duration::from_secs(8);
+        let delays: Vec<Duration> = (0..200).map(|_| jittered(base)).collect();
+        assert!(delays.iter().all(|d| *d >= base / 2 && *d <= base));
+        let distinct: std::collections::HashSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 100, "{} distinct delays", distinct.len());
     }
 }

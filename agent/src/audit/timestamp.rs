@@ -1,35 +1,32 @@
 //! Record timestamps.
 
-use time::OffsetDateTime;
+use time::{
+    OffsetDateTime, UtcOffset,
+    format_description::{FormatItem, well_known::Rfc3339},
+    macros::format_description,
+};
 
-/// Now as RFC 3339 UTC with a fixed six-digit fraction, e.g.
-/// `2025-01-31T12:00:00.123456Z`.
-///
-/// Built from the date/time accessors rather than `time`'s formatting
-/// feature, which this crate does not enable itself; a fixed width also keeps
-/// the lines sortable as text.
+/// RFC 3339 in UTC with a fixed six-digit fraction: fixed width keeps the
+/// lines sortable as text.
+const MICROS_UTC: &[FormatItem<'_>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+
+/// Now, e.g. `2025-01-31T12:00:00.123456Z`.
 pub fn now_rfc3339() -> String {
     format_rfc3339(OffsetDateTime::now_utc())
 }
 
 pub fn format_rfc3339(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    )
+    let t = t.to_offset(UtcOffset::UTC);
+    // Only a year outside 0..=9999 fails the fixed format; RFC 3339 cannot
+    // show those either, and the well-known format says so in its output.
+    t.format(MICROS_UTC)
+        .or_else(|_| t.format(&Rfc3339))
+        .unwrap_or_else(|e| format!("unformattable time: {e}"))
 }
 
 #[cfg(test)]
 mod tests {
-    use time::format_description::well_known::Rfc3339;
-
     use super::*;
 
     #[test]

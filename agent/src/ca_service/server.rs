@@ -24,6 +24,7 @@ use super::{
     protocol::{self, Line, Request, Response},
 };
 use crate::{
+    audit::format_rfc3339,
     identity::{
         AcceptedClients, CaError, CertificateAuthority, DEFAULT_SVID_TTL, MAX_SVID_TTL,
         MIN_SVID_TTL, SpiffeId, SpiffeIdError, SvidCertificate, TrustBundles, TrustDomain,
@@ -596,7 +597,7 @@ impl State {
                     node,
                     spiffe_id = %cert.spiffe_id(),
                     serial = %hex::encode(cert.serial()),
-                    not_after = %humantime(cert.not_after()),
+                    not_after = %format_rfc3339(time::OffsetDateTime::from(cert.not_after())),
                     "issued SVID"
                 );
                 Response::chain(
@@ -670,18 +671,4 @@ impl State {
             })
         }
     }
-}
-
-/// RFC 3339 UTC, for logs.
-fn humantime(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
 }

@@ -8,6 +8,7 @@ mod tls;
 mod verifier;
 
 #[cfg(test)]
+#[cfg(test)]
 mod limbo;
 #[cfg(test)]
 mod tests;

@@ -173,16 +173,3 @@ fn instances_do_not_share_counters() {
         Some(0.0)
     );
 }
-
-#[test]
-fn connections_do_not_add_series() {
-    let m = Metrics::new();
-    let series = |m: &Metrics| test_support::parse(&m.encode()).len();
-    let before = series(&m);
-    for i in 0..1000 {
-        let _guard = m.connection_active(Direction::Inbound);
-        m.connection_opened(Direction::Inbound, Decision::Allow);
-        m.add_bytes(i, i);
-    }
-    assert_eq!(series(&m), before);
-}

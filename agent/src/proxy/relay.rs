@@ -4,8 +4,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, copy_bidirectional_with_sizes};
 
-/// 64 KiB buffers: large enough to keep a loopback stream busy, small
-/// enough for thousands of concurrent connections.
+/// 64 KiB buffers, one each way: large enough to keep a loopback stream
+/// busy, but 128 KiB per connection on each agent is not small for
+/// thousands of idle connections (buffers that start small and grow are the
+/// performance issue's).
 const BUFFER: usize = 64 * 1024;
 
 #[derive(Debug, Default, Clone, Copy)]

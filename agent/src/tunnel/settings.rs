@@ -10,8 +10,9 @@
 /// as the application reads.
 pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 
-/// Connection receive window: a few streams at full speed at once, so one
-/// slow reader cannot stall every other stream on the connection.
+/// Connection receive window: four full stream windows, so a few streams run
+/// at full speed at once. Four readers that stop draining can hold all of it
+/// and stall the connection's other streams.
 pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// Streams a server accepts at once on one connection. h2 advertises no

@@ -414,7 +414,10 @@ async fn missing_authority_gets_400() {
 }
 
 #[tokio::test]
-async fn headers_are_visible_but_only_for_logging() {
+/// Headers reach the handler (for logging). That the source identity never
+/// comes from them is shown end to end (`two_nodes::the_source_identity_is_the_pods_own_whatever_the_client_presents`):
+/// the handler has no header-derived identity to use.
+async fn request_headers_reach_the_handler() {
     within(async {
         let (seen_tx, mut seen) = mpsc::unbounded_channel();
         let (client_io, _server) = spawn_server(move |request: InboundRequest| {

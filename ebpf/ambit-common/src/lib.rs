@@ -27,8 +27,11 @@ pub const GLOBAL_OUTBOUND_PORT: &str = "AMBIT_OUTBOUND_PORT";
 pub const GLOBAL_INBOUND_CAPTURE_PORT: &str = "AMBIT_INBOUND_CAPTURE_PORT";
 pub const GLOBAL_TUNNEL_PORT: &str = "AMBIT_TUNNEL_PORT";
 
-/// Capacity of the per-connection maps. They are LRU maps, so a burst beyond
-/// this evicts the oldest entries instead of failing new connections.
+/// Capacity of the per-connection maps: a ceiling on concurrent captured
+/// connections per node (entries live from connect to close). They are LRU
+/// maps, so past it the oldest entries are evicted; a connection whose
+/// entry was evicted finds no original destination and is closed, never
+/// passed through.
 pub const CONNECTION_MAP_CAPACITY: u32 = 65_536;
 /// Capacity of the enrollment map (pods on one node).
 pub const ENROLLED_MAP_CAPACITY: u32 = 4_096;
