@@ -53,7 +53,10 @@ pub fn ensure(did: &mut Vec<String>) -> Result<()> {
     let work = Path::new(CACHE_ROOT).join("work");
     remove_dir_if_present(&work)?;
     let apt = ScratchApt::new(&work.join("apt"))?;
-    progress(started, "refreshing the scratch apt lists (bullseye, bookworm)");
+    progress(
+        started,
+        "refreshing the scratch apt lists (bullseye, bookworm)",
+    );
     exec(&mut apt.command(&["update", "-q"]))?;
 
     if !etcd.exists() {
