@@ -230,7 +230,12 @@ fn build_apiserver(tree: &Path, goroot: &Path, work: &Path) -> Result<PathBuf> {
             .env("KUBE_GIT_VERSION", VERSION)
             .env("KUBE_GIT_TREE_STATE", "clean"),
     )
-    .context("building kube-apiserver")?;
+    .with_context(|| {
+        format!(
+            "building kube-apiserver failed; the tree stays in {} until the next setup",
+            tree.display()
+        )
+    })?;
     let built = tree.join("_output/bin/kube-apiserver");
     if !built.exists() {
         bail!("the build finished but {} is missing", built.display());

@@ -23,8 +23,11 @@ const PACKAGES: &[(&str, &str)] = &[
     // TLS scanners run against the tunnel port by tests/tests/tls_scanners.rs.
     ("testssl.sh", "/usr/bin/testssl"),
     ("nmap", "/usr/share/nmap/scripts/ssl-enum-ciphers.nse"),
-    // The test control plane: kubectl drives it, rsync builds kube-apiserver.
+    // The test control plane: kubectl drives it; unpacking and building
+    // kube-apiserver needs dpkg-source, make and rsync.
     ("kubernetes-client", "/usr/bin/kubectl"),
+    ("dpkg-dev", "/usr/bin/dpkg-source"),
+    ("make", "/usr/bin/make"),
     ("rsync", "/usr/bin/rsync"),
 ];
 
