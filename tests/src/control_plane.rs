@@ -14,6 +14,7 @@
 //! `PR_SET_PDEATHSIG`, when the test process dies however it dies; data
 //! directories of dead test processes are swept by the next start.
 
+mod args;
 pub mod kubectl;
 pub mod kubelet;
 mod spawn;
@@ -150,7 +151,7 @@ impl ControlPlane {
         let cp = Self {
             etcd: Mutex::new(None),
             apiserver: Mutex::new(None),
-            apiserver_args: apiserver_args(bin_dir, &dir, etcd_port, api_port),
+            apiserver_args: args::apiserver(bin_dir, &dir, etcd_port, api_port),
             server,
             admin_token,
             kubectl: Kubectl::new(&kubeconfig),
@@ -159,7 +160,7 @@ impl ControlPlane {
             dir,
         };
         // From here on, dropping `cp` cleans up whatever started.
-        let etcd = cp.spawn_logged("etcd", &etcd_args(bin_dir, &cp.dir, etcd_port, peer_port))?;
+        let etcd = cp.spawn_logged("etcd", &args::etcd(bin_dir, &cp.dir, etcd_port, peer_port))?;
         *cp.etcd.lock().unwrap_or_else(|e| e.into_inner()) = Some(etcd);
         cp.start_api_server()?;
         Ok(cp)
@@ -388,48 +389,6 @@ impl ControlPlane {
             _ => {}
         }
     }
-}
-
-fn etcd_args(bin_dir: &Path, dir: &Path, client_port: u16, peer_port: u16) -> Vec<String> {
-    let client = format!("http://127.0.0.1:{client_port}");
-    let peer = format!("http://127.0.0.1:{peer_port}");
-    vec![
-        bin_dir.join("etcd").display().to_string(),
-        "--name=ambit-test".into(),
-        format!("--data-dir={}", dir.join("etcd").display()),
-        format!("--listen-client-urls={client}"),
-        format!("--advertise-client-urls={client}"),
-        format!("--listen-peer-urls={peer}"),
-        format!("--initial-advertise-peer-urls={peer}"),
-        format!("--initial-cluster=ambit-test={peer}"),
-        // Test data need not survive a power cut; fsync would dominate.
-        "--unsafe-no-fsync".into(),
-    ]
-}
-
-fn apiserver_args(bin_dir: &Path, dir: &Path, etcd_port: u16, api_port: u16) -> Vec<String> {
-    let file = |name: &str| dir.join(name).display().to_string();
-    vec![
-        bin_dir.join("kube-apiserver").display().to_string(),
-        format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-        "--bind-address=127.0.0.1".into(),
-        "--advertise-address=127.0.0.1".into(),
-        format!("--secure-port={api_port}"),
-        // 1.20 still opens an unauthenticated port 8080 unless told not to.
-        "--insecure-port=0".into(),
-        format!("--cert-dir={}", file("certs")),
-        format!("--token-auth-file={}", file("tokens.csv")),
-        "--authorization-mode=RBAC".into(),
-        format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
-        format!("--service-account-key-file={}", file("sa.pub")),
-        format!("--service-account-signing-key-file={}", file("sa.key")),
-        format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-        "--allow-privileged=true".into(),
-        "--enable-admission-plugins=NamespaceLifecycle".into(),
-        // No token controller or PV controller runs here.
-        "--disable-admission-plugins=ServiceAccount,StorageObjectInUseProtection".into(),
-        "--profiling=false".into(),
-    ]
 }
 
 fn random_hex(bytes: usize) -> Result<String> {
