@@ -16,6 +16,7 @@
 
 pub mod agent;
 mod cleanup;
+pub mod control_plane;
 pub mod exec;
 pub mod procfs;
 
@@ -33,6 +34,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub use agent::{Agent, WorkloadEntry};
+pub use control_plane::{ControlPlane, KubePod};
 pub use exec::Host;
 use exec::host_cmd;
 

@@ -1,6 +1,7 @@
 //! `cargo xtask setup | test | demo | bench`: everything a fresh machine
 //! needs, in one place.
 
+mod kube;
 mod setup;
 
 use std::process::Command;

@@ -23,6 +23,12 @@ const PACKAGES: &[(&str, &str)] = &[
     // TLS scanners run against the tunnel port by tests/tests/tls_scanners.rs.
     ("testssl.sh", "/usr/bin/testssl"),
     ("nmap", "/usr/share/nmap/scripts/ssl-enum-ciphers.nse"),
+    // The test control plane: kubectl drives it; unpacking and building
+    // kube-apiserver needs dpkg-source, make and rsync.
+    ("kubernetes-client", "/usr/bin/kubectl"),
+    ("dpkg-dev", "/usr/bin/dpkg-source"),
+    ("make", "/usr/bin/make"),
+    ("rsync", "/usr/bin/rsync"),
 ];
 
 pub fn run() -> Result<()> {
@@ -31,6 +37,7 @@ pub fn run() -> Result<()> {
     }
     let mut did = Vec::new();
     install_packages(&mut did)?;
+    crate::kube::ensure(&mut did)?;
     rustup_components(&mut did)?;
     cargo_tools(&mut did)?;
     python_tools(&mut did)?;

@@ -1,0 +1,234 @@
+//! The testbed as kubelet and container runtime of its simulated nodes:
+//! Pod objects bound to a node with the status a kubelet would report, and
+//! the objects around them (service accounts, services, endpoints, tokens).
+
+use std::net::IpAddr;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use super::ControlPlane;
+use crate::{Node, Pod};
+
+/// A Pod object as the testbed declares it for one of its netns pods.
+#[derive(Clone, Debug)]
+pub struct KubePod {
+    pub name: String,
+    /// `spec.nodeName`: the simulated node "running" it.
+    pub node_name: String,
+    pub labels: Vec<(String, String)>,
+    pub service_account: String,
+    /// `status.hostIP`: the node's address.
+    pub host_ip: IpAddr,
+    /// `status.podIPs`, first one is `status.podIP`.
+    pub ips: Vec<IpAddr>,
+}
+
+impl KubePod {
+    /// A Pod object for a testbed pod on `node`: its name, both its
+    /// addresses, and the node's network namespace name as `spec.nodeName`.
+    pub fn for_pod(pod: &Pod, node: &Node, service_account: &str) -> Self {
+        Self {
+            name: pod.name.clone(),
+            node_name: node.netns.clone(),
+            labels: Vec::new(),
+            service_account: service_account.into(),
+            host_ip: node.link_ipv4.into(),
+            ips: vec![pod.ipv4.into(), pod.ipv6.into()],
+        }
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+
+    fn manifest(&self, namespace: &str) -> Value {
+        let labels: serde_json::Map<String, Value> = self
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+            .collect();
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": self.name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "nodeName": self.node_name,
+                "serviceAccountName": self.service_account,
+                "automountServiceAccountToken": false,
+                // Never pulled: nothing runs containers here.
+                "containers": [{"name": "app", "image": "ambit.invalid/app:test"}],
+            },
+        })
+    }
+}
+
+/// `api/v1/namespaces/<ns>/<resource>/<name>`
+fn path(namespace: &str, resource: &str, name: &str) -> String {
+    format!("/api/v1/namespaces/{namespace}/{resource}/{name}")
+}
+
+impl ControlPlane {
+    /// Creates the Pod object (Pending, as a scheduler would leave it).
+    /// Returns its uid.
+    pub fn create_pod(&self, namespace: &str, pod: &KubePod) -> Result<String> {
+        let created = self.create(&pod.manifest(namespace))?;
+        uid_of(&created)
+    }
+
+    /// Writes the status a kubelet reports once the containers run: phase
+    /// Running, Ready, and the pod's addresses. Returns the stored object.
+    pub fn report_running(&self, namespace: &str, pod: &KubePod) -> Result<Value> {
+        let status_path = format!("{}/status", path(namespace, "pods", &pod.name));
+        let mut object = self
+            .kubectl
+            .json(&["get", "pod", &pod.name, "--namespace", namespace])?;
+        let ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip})).collect();
+        let ready = |kind: &str| json!({"type": kind, "status": "True"});
+        object["status"] = json!({
+            "phase": "Running",
+            "hostIP": pod.host_ip,
+            "podIP": pod.ips.first().map(ToString::to_string),
+            "podIPs": ips,
+            "conditions": [
+                ready("PodScheduled"),
+                ready("Initialized"),
+                ready("ContainersReady"),
+                ready("Ready"),
+            ],
+        });
+        self.put_raw(&status_path, &object)
+            .with_context(|| format!("reporting pod {} running", pod.name))
+    }
+
+    /// [`Self::create_pod`] then [`Self::report_running`]; returns the uid.
+    pub fn run_pod(&self, namespace: &str, pod: &KubePod) -> Result<String> {
+        let uid = self.create_pod(namespace, pod)?;
+        self.report_running(namespace, pod)?;
+        Ok(uid)
+    }
+
+    /// Deletes at once: without a kubelet, only grace period 0 removes the
+    /// object (and produces DELETED for watchers).
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> Result<()> {
+        self.kubectl.run(&[
+            "delete",
+            "pod",
+            name,
+            "--namespace",
+            namespace,
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+        ])?;
+        Ok(())
+    }
+
+    pub fn create_service_account(&self, namespace: &str, name: &str) -> Result<()> {
+        self.kubectl
+            .run(&["create", "serviceaccount", name, "--namespace", namespace])?;
+        Ok(())
+    }
+
+    /// A ClusterIP Service selecting `selector`, with TCP `ports` (port,
+    /// target port). Returns the ClusterIP (inside [`super::SERVICE_CIDR`]).
+    pub fn create_service(
+        &self,
+        namespace: &str,
+        name: &str,
+        selector: &[(&str, &str)],
+        ports: &[(u16, u16)],
+    ) -> Result<IpAddr> {
+        let selector: serde_json::Map<String, Value> = selector
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), Value::from(*v)))
+            .collect();
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|(port, target)| {
+                json!({"name": format!("tcp-{port}"), "protocol": "TCP",
+                       "port": port, "targetPort": target})
+            })
+            .collect();
+        let created = self.create(&json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"type": "ClusterIP", "selector": selector, "ports": ports},
+        }))?;
+        created["spec"]["clusterIP"]
+            .as_str()
+            .with_context(|| format!("service {name} has no clusterIP"))?
+            .parse()
+            .with_context(|| format!("service {name}: clusterIP is not an address"))
+    }
+
+    /// The Endpoints an endpoints controller would write for a service:
+    /// `ips` ready on TCP `ports` (named as in [`Self::create_service`]).
+    pub fn create_endpoints(
+        &self,
+        namespace: &str,
+        name: &str,
+        ips: &[IpAddr],
+        ports: &[u16],
+    ) -> Result<Value> {
+        let addresses: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|port| json!({"name": format!("tcp-{port}"), "protocol": "TCP", "port": port}))
+            .collect();
+        self.create(&json!({
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {"name": name, "namespace": namespace},
+            "subsets": [{"addresses": addresses, "ports": ports}],
+        }))
+    }
+
+    /// A TokenRequest for a service account, bound to a pod when given
+    /// (name, uid), as a kubelet asks for projected tokens. Returns the token.
+    pub fn request_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audience: &str,
+        bound_pod: Option<(&str, &str)>,
+    ) -> Result<String> {
+        let mut spec = json!({"audiences": [audience], "expirationSeconds": 3600});
+        if let Some((name, uid)) = bound_pod {
+            spec["boundObjectRef"] =
+                json!({"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid});
+        }
+        let answer = self.post_raw(
+            &format!(
+                "{}/token",
+                path(namespace, "serviceaccounts", service_account)
+            ),
+            &json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                    "spec": spec}),
+        )?;
+        answer["status"]["token"]
+            .as_str()
+            .map(String::from)
+            .context("TokenRequest answer has no status.token")
+    }
+
+    /// A TokenReview of `token` for `audience`; returns its `status`.
+    pub fn review_token(&self, token: &str, audience: &str) -> Result<Value> {
+        let answer = self.create(&json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "metadata": {"name": "review"},
+            "spec": {"token": token, "audiences": [audience]},
+        }))?;
+        Ok(answer["status"].clone())
+    }
+}
+
+fn uid_of(object: &Value) -> Result<String> {
+    object["metadata"]["uid"]
+        .as_str()
+        .map(String::from)
+        .context("object has no metadata.uid")
+}
