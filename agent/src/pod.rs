@@ -4,9 +4,9 @@
 //! and the signal that it was released, which ends every connection the
 //! agent holds for it.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::sync::watch;
+use tokio::{net::TcpStream, sync::watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::{
@@ -85,6 +85,19 @@ impl PodContext {
     /// Follows the pod's state, for re-checking running connections.
     pub fn watch_state(&self) -> watch::Receiver<Arc<PodState>> {
         self.state.clone()
+    }
+
+    /// Connects to `dst` from inside the pod's network namespace, as the
+    /// agent (so capture lets it through), within the connect timeout.
+    pub async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
+        let settings = self.dial;
+        crate::proxy::dial::dial(
+            &self.netns,
+            dst,
+            settings.socket_mark,
+            settings.connect_timeout,
+        )
+        .await
     }
 
     pub fn is_released(&self) -> bool {

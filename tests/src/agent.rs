@@ -179,6 +179,24 @@ impl Testbed {
         })
     }
 
+    /// A two-node mesh: `ambit ca` for `entries` (SVIDs of `svid_ttl_secs`),
+    /// then an agent on each node with its own extra `ambit run` arguments.
+    /// Every agent knows every workload (to find tunnel peers) and captures
+    /// those of its own node. Returns (ca, agent 0, agent 1).
+    pub fn start_mesh(
+        &self,
+        entries: &[WorkloadEntry],
+        svid_ttl_secs: u64,
+        agent_args: [&[&str]; 2],
+    ) -> Result<(Agent, Agent, Agent)> {
+        let ca = self.start_ca(entries, svid_ttl_secs)?;
+        self.write_workloads(0, entries)?;
+        self.write_workloads(1, entries)?;
+        let agent0 = self.start_agent_with(0, agent_args[0])?;
+        let agent1 = self.start_agent_with(1, agent_args[1])?;
+        Ok((ca, agent0, agent1))
+    }
+
     /// Starts `ambit ca` on node 0 (listening on its inter-node link address)
     /// for the workloads in `entries`; agents started afterwards get their
     /// SVIDs from it.

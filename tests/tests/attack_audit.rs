@@ -47,10 +47,7 @@ fn scene(agent1_args: &[&str]) -> Result<Scene> {
         WorkloadEntry::opted_out(&c),
         WorkloadEntry::enrolled(&b),
     ];
-    let ca = tb.start_ca(&entries, 3600)?;
-    let agent0 = tb.start_agent(0, &entries)?;
-    tb.write_workloads(1, &entries)?;
-    let agent1 = tb.start_agent_with(1, agent1_args)?;
+    let (ca, agent0, agent1) = tb.start_mesh(&entries, 3600, [&[], agent1_args])?;
     Ok(Scene {
         tb,
         a,

@@ -117,11 +117,7 @@ fn mesh(agent_args: [&[&str]; 2]) -> Result<Flood> {
         WorkloadEntry::opted_out(&c),
         WorkloadEntry::enrolled(&b),
     ];
-    let ca = tb.start_ca(&entries, 3600)?;
-    tb.write_workloads(0, &entries)?;
-    tb.write_workloads(1, &entries)?;
-    let agent0 = tb.start_agent_with(0, agent_args[0])?;
-    let agent1 = tb.start_agent_with(1, agent_args[1])?;
+    let (ca, agent0, agent1) = tb.start_mesh(&entries, 3600, agent_args)?;
     Ok(Flood {
         tb,
         a,

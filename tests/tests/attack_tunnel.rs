@@ -134,14 +134,7 @@ fn mesh(agent_flags: &[&str]) -> Result<Mesh> {
     )?;
     tb.wait_for_listener(&b, HOLD)?;
     let entries = [WorkloadEntry::enrolled(&a), WorkloadEntry::enrolled(&b)];
-    let ca = tb.start_ca(&entries, 3600)?;
-    let mut agents = Vec::new();
-    for node in 0..2 {
-        tb.write_workloads(node, &entries)?;
-        agents.push(tb.start_agent_with(node, agent_flags)?);
-    }
-    let agent1 = agents.pop().context("agent 1")?;
-    let agent0 = agents.pop().context("agent 0")?;
+    let (ca, agent0, agent1) = tb.start_mesh(&entries, 3600, [agent_flags, agent_flags])?;
     Ok(Mesh {
         tb,
         a,

@@ -72,26 +72,17 @@ fn mesh(policy: Option<&str>) -> Result<Mesh> {
     tb.echo_server(&b, "echo-b", ECHO)?;
     tb.http_server(&p, "http-p", HTTP, BODY)?;
     let all = entries((&a, &c, &b, &p), "server");
-    let ca = tb.start_ca(&all, 3600)?;
-    let agent0 = tb.start_agent(0, &all)?;
-    tb.write_workloads(1, &all)?;
-    let agent1 = match policy {
+    let policies = tb.dir.path().join("policies");
+    let dir = policies.to_str().unwrap_or_default().to_owned();
+    let agent1_args: &[&str] = match policy {
         Some(policy) => {
-            let dir = tb.dir.path().join("policies");
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join("policy.yaml"), policy)?;
-            tb.start_agent_with(
-                1,
-                &[
-                    "--default-policy",
-                    "deny",
-                    "--policies",
-                    dir.to_str().unwrap(),
-                ],
-            )?
+            std::fs::create_dir_all(&policies)?;
+            std::fs::write(policies.join("policy.yaml"), policy)?;
+            &["--default-policy", "deny", "--policies", &dir]
         }
-        None => tb.start_agent_with(1, &[])?,
+        None => &[],
     };
+    let (ca, agent0, agent1) = tb.start_mesh(&all, 3600, [&[], agent1_args])?;
     Ok(Mesh {
         tb,
         a,
@@ -128,6 +119,18 @@ impl Mesh {
             }))
         })
         .with_context(|| format!("node 1's agent never labelled b app={b_app}"))
+    }
+
+    /// Opens a connection from a to b's echo port that stays open for a
+    /// minute unless the agents end it.
+    fn hold_connection_from_a(&self) -> Result<()> {
+        let target = format!("TCP:{}:{ECHO}", self.b.ipv4);
+        self.tb.spawn(
+            &self.a,
+            "long-echo",
+            &["socat", "-T", "60", "EXEC:sleep 60", &target],
+        )?;
+        Ok(())
     }
 
     fn audit1(&self) -> Vec<Value> {
@@ -332,17 +335,7 @@ fn a_relabelled_destination_is_decided_on_its_current_labels_on_a_pooled_tunnel(
     let url = format!("http://{}:{HTTP}/index.txt", m.b.ipv4);
     assert_eq!(m.tb.curl(&m.a, &url)?, (0, BODY.to_string()));
     // A long-lived connection that the relabel must end.
-    let stream = m.tb.spawn(
-        &m.a,
-        "long-echo",
-        &[
-            "socat",
-            "-T",
-            "60",
-            "EXEC:sleep 60",
-            &format!("TCP:{}:{ECHO}", m.b.ipv4),
-        ],
-    )?;
+    m.hold_connection_from_a()?;
     m.agent1
         .wait_for_records("inbound connection accepted", 2, secs(10))?;
 
@@ -359,7 +352,6 @@ fn a_relabelled_destination_is_decided_on_its_current_labels_on_a_pooled_tunnel(
         }))
     })
     .context("the running connection was not closed after the relabel")?;
-    let _ = stream;
 
     // Labelled back: the next stream is allowed again, on the same node
     // agents and without a restart.
@@ -550,17 +542,7 @@ fn a_node_credential_is_not_a_workload_identity_on_the_tunnel() -> Result<()> {
 fn releasing_a_pod_ends_its_connections_and_forgets_its_identity() -> Result<()> {
     let m = mesh(None)?;
     // A connection that would otherwise stay open for a minute.
-    m.tb.spawn(
-        &m.a,
-        "long-echo",
-        &[
-            "socat",
-            "-T",
-            "60",
-            "EXEC:sleep 60",
-            &format!("TCP:{}:{ECHO}", m.b.ipv4),
-        ],
-    )?;
+    m.hold_connection_from_a()?;
     m.agent1
         .wait_for_records("inbound connection accepted", 1, secs(10))?;
     let b_id = format!("{TD}/ns/default/sa/b");

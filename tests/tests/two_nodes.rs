@@ -43,11 +43,9 @@ fn mesh2(svid_ttl_secs: u64) -> Result<Mesh2> {
         WorkloadEntry::opted_out(&c),
         WorkloadEntry::enrolled(&b),
     ];
-    let ca = tb.start_ca(&entries, svid_ttl_secs)?;
+    let (ca, agent0, agent1) = tb.start_mesh(&entries, svid_ttl_secs, [&[], &[]])?;
     // Every agent knows every workload (to find tunnel peers) and captures
     // those of its own node.
-    let agent0 = tb.start_agent(0, &entries)?;
-    let agent1 = tb.start_agent(1, &entries)?;
     Ok(Mesh2 {
         tb,
         a,

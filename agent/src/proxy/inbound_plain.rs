@@ -7,11 +7,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{
-    dial::{dial, unmapped},
-    limits::ConnectionPermit,
-    loop_guard,
-};
+use super::{dial::unmapped, limits::ConnectionPermit, loop_guard};
 use crate::{
     audit,
     gate::{Connection, Gate},
@@ -82,15 +78,7 @@ async fn handle(
     tracing::info!(workload = %pod.id, src = %peer, dst = %dst,
         "inbound plaintext allowed (permissive)");
     let mut downstream = stream;
-    let settings = pod.dial;
-    let mut upstream = match dial(
-        &pod.netns,
-        dst,
-        settings.socket_mark,
-        settings.connect_timeout,
-    )
-    .await
-    {
+    let mut upstream = match pod.connect(dst).await {
         Ok(upstream) => upstream,
         Err(e) => {
             tracing::info!(workload = %pod.id, %dst, error = %e,

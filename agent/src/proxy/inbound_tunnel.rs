@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    dial::{dial, unmapped},
+    dial::unmapped,
     limits::{ConnectionPermit, HandshakePermit},
     loop_guard,
     tunnel_socket::set_liveness_options,
@@ -215,15 +215,7 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
         request.reject(StatusCode::FORBIDDEN);
         return;
     }
-    let dial_settings = pod.dial;
-    let mut upstream = match dial(
-        &pod.netns,
-        dst,
-        dial_settings.socket_mark,
-        dial_settings.connect_timeout,
-    )
-    .await
-    {
+    let mut upstream = match pod.connect(dst).await {
         Ok(upstream) => upstream,
         Err(e) => {
             tracing::info!(workload = %pod.id, %dst, error = %e,

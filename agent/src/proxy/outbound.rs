@@ -13,7 +13,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use super::{
-    dial::dial,
     limits::ConnectionPermit,
     relay::{RelayStats, relay},
     tunnel_socket::set_liveness_options,
@@ -90,15 +89,7 @@ async fn serve_connection(downstream: TcpStream, client: SocketAddr, ctx: &Outbo
 
 /// A destination outside the mesh: plain TCP from the pod's netns.
 async fn passthrough(mut downstream: TcpStream, orig_dst: SocketAddr, ctx: &OutboundContext) {
-    let settings = ctx.pod.dial;
-    let mut upstream = match dial(
-        &ctx.pod.netns,
-        orig_dst,
-        settings.socket_mark,
-        settings.connect_timeout,
-    )
-    .await
-    {
+    let mut upstream = match ctx.pod.connect(orig_dst).await {
         Ok(upstream) => upstream,
         Err(e) => {
             tracing::info!(workload = %ctx.pod.id, %orig_dst, error = %e,
@@ -195,17 +186,12 @@ async fn tunnel_to(
         vec![destination.spiffe_id.clone()],
     )
     .map_err(|e| format!("building the TLS client configuration: {e}"))?;
-    let settings = ctx.pod.dial;
-    let (netns, mark, timeout) = (
-        Arc::clone(&ctx.pod.netns),
-        settings.socket_mark,
-        settings.connect_timeout,
-    );
-    let (workload, peer) = (ctx.pod.id.clone(), destination.spiffe_id.clone());
+    let pod = Arc::clone(&ctx.pod);
+    let peer = destination.spiffe_id.clone();
     let tunnel = *ctx.mesh.pool.config();
     let connect = move || async move {
         let peer_name: Arc<str> = format!("{peer} at {peer_addr}").into();
-        let tcp = dial(&netns, peer_addr, mark, timeout).await?;
+        let tcp = pod.connect(peer_addr).await?;
         let _ = tcp.set_nodelay(true);
         set_liveness_options(&tcp, &tunnel)?;
         let tls = tokio::time::timeout(
@@ -218,7 +204,7 @@ async fn tunnel_to(
         })?
         .map_err(|e| std::io::Error::new(e.kind(), handshake_failure_reason(&e)))?;
         let client = HboneClient::handshake(tls, Arc::clone(&peer_name), &tunnel).await?;
-        tracing::info!(workload = %workload, %peer_addr, peer_spiffe_id = %peer,
+        tracing::info!(workload = %pod.id, %peer_addr, peer_spiffe_id = %peer,
             local_serial = %hex::encode(svid.serial()), "tunnel established");
         Ok(client)
     };
