@@ -234,6 +234,11 @@ struct CaArgs {
     /// How often to re-read the directory file, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
+    /// Directory keeping the CA's root (root.pem, root-key.pem; in
+    /// Kubernetes a Secret), made there on first start. Restarts then keep
+    /// the trust bundle agents hold. Without it each start makes a new root.
+    #[arg(long)]
+    root_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -364,6 +369,7 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
         listen: args.listen,
         svid_ttl: Duration::from_secs(args.svid_ttl_secs),
         reload_interval: Duration::from_millis(args.reload_interval_ms),
+        root_dir: args.root_dir,
         ..ambit::ca_service::CaServerConfig::new(args.directory, args.bootstrap_dir)
     };
     tokio::runtime::Runtime::new()?.block_on(async {

@@ -202,11 +202,7 @@ impl Testbed {
     /// SVIDs from it.
     pub fn start_ca(&self, entries: &[WorkloadEntry], svid_ttl_secs: u64) -> Result<Agent> {
         let node = self.node(0).clone();
-        let directory = self.dir.path().join("ca-directory.yaml");
-        std::fs::write(
-            &directory,
-            serde_json::to_string_pretty(&workloads_doc("ca", entries))?,
-        )?;
+        let directory = self.write_ca_directory(entries)?;
         let bootstrap_dir = self.dir.path().join("ca-bootstrap");
         let addr = format!("{}:{CA_PORT}", node.link_ipv4);
         let args: Vec<String> = vec![
@@ -223,6 +219,9 @@ impl Testbed {
             bootstrap_dir.display().to_string(),
             "--svid-ttl-secs".into(),
             svid_ttl_secs.to_string(),
+            // Kept across restarts of the CA, as a Secret would be.
+            "--root-dir".into(),
+            self.dir.path().join("ca-root").display().to_string(),
         ];
         let daemon = self.launch_daemon(&node, "ca", &args, None)?;
         wait_until(Duration::from_secs(30), || {
@@ -232,13 +231,25 @@ impl Testbed {
             Ok(bootstrap_dir.join("bundle.pem").exists())
         })?;
         self.wait_for_listener(&node, CA_PORT)?;
-        self.ca
-            .set(CaInfo {
-                addr,
-                bootstrap_dir,
-            })
-            .map_err(|_| anyhow::anyhow!("a CA is already running"))?;
+        // A restarted CA has the same address and files.
+        let _ = self.ca.set(CaInfo {
+            addr,
+            bootstrap_dir,
+        });
         Ok(daemon)
+    }
+
+    /// Rewrites the CA's workload directory (which workloads run on which
+    /// node); the CA re-reads it.
+    pub fn write_ca_directory(&self, entries: &[WorkloadEntry]) -> Result<PathBuf> {
+        let directory = self.dir.path().join("ca-directory.yaml");
+        let tmp = directory.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_string_pretty(&workloads_doc("ca", entries))?,
+        )?;
+        std::fs::rename(&tmp, &directory)?;
+        Ok(directory)
     }
 
     /// Spawns `ambit ARGS` in `node`'s netns, in the cgroup `<node>/<role>`.

@@ -5,7 +5,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use ambit_testbed::{Host, Pod, Testbed, WorkloadEntry, agent::Agent, stderr, wait_until};
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 
 const HTTP: u16 = 8080;
 const ECHO: u16 = 9000;
@@ -20,9 +20,24 @@ struct Mesh2 {
     a2: Pod,
     b: Pod,
     c: Pod,
-    _ca: Agent,
+    ca: Agent,
     agent0: Agent,
     agent1: Agent,
+}
+
+/// The workloads of [`mesh2`], with `a2` under service account `a2_sa`.
+fn entries(m: (&Pod, &Pod, &Pod, &Pod), a2_sa: &str) -> Vec<WorkloadEntry> {
+    let (a, a2, c, b) = m;
+    let mut a_entry = WorkloadEntry::enrolled(a);
+    a_entry.service_account = "frontend".into();
+    let mut a2_entry = WorkloadEntry::enrolled(a2);
+    a2_entry.service_account = a2_sa.into();
+    vec![
+        a_entry,
+        a2_entry,
+        WorkloadEntry::opted_out(c),
+        WorkloadEntry::enrolled(b),
+    ]
 }
 
 fn mesh2(svid_ttl_secs: u64) -> Result<Mesh2> {
@@ -33,16 +48,7 @@ fn mesh2(svid_ttl_secs: u64) -> Result<Mesh2> {
     let b = tb.add_pod(1, "b")?;
     tb.http_server(&b, "http-b", HTTP, BODY)?;
     tb.echo_server(&b, "echo-b", ECHO)?;
-    let mut a_entry = WorkloadEntry::enrolled(&a);
-    a_entry.service_account = "frontend".into();
-    let mut a2_entry = WorkloadEntry::enrolled(&a2);
-    a2_entry.service_account = "batch".into();
-    let entries = [
-        a_entry,
-        a2_entry,
-        WorkloadEntry::opted_out(&c),
-        WorkloadEntry::enrolled(&b),
-    ];
+    let entries = entries((&a, &a2, &c, &b), "batch");
     let (ca, agent0, agent1) = tb.start_mesh(&entries, svid_ttl_secs, [&[], &[]])?;
     // Every agent knows every workload (to find tunnel peers) and captures
     // those of its own node.
@@ -52,7 +58,7 @@ fn mesh2(svid_ttl_secs: u64) -> Result<Mesh2> {
         a2,
         b,
         c,
-        _ca: ca,
+        ca,
         agent0,
         agent1,
     })
@@ -418,5 +424,39 @@ fn svid_rotation_under_load_loses_no_connection_and_no_byte() -> Result<()> {
             .any(|r| r["bytes_sent"] == sent && r["bytes_received"] == sent),
         "{closed:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_restarted_ca_keeps_its_root_so_identities_it_issues_afterwards_are_trusted() -> Result<()> {
+    let m = mesh2(3600)?;
+    let url = format!("http://{}:{HTTP}/index.txt", m.b.ipv4);
+    assert_eq!(m.tb.curl(&m.a, &url)?, (0, BODY.to_string()));
+    let root = std::fs::read(m.tb.dir.path().join("ca-root/root.pem"))?;
+
+    m.ca.stop_with(libc::SIGKILL)?;
+    let all = entries((&m.a, &m.a2, &m.c, &m.b), "reports");
+    let _restarted = m.tb.start_ca(&all, 3600)?;
+    assert_eq!(
+        std::fs::read(m.tb.dir.path().join("ca-root/root.pem"))?,
+        root,
+        "the root changed"
+    );
+    // a2 gets a new identity, so its SVID comes from the restarted CA; b's
+    // agent still holds the bundle it loaded at start.
+    m.tb.write_workloads(0, &all)?;
+    m.tb.write_workloads(1, &all)?;
+    m.agent0
+        .wait_for_records("workload updated in place", 1, secs(10))?;
+    wait_until(secs(20), || Ok(m.tb.curl(&m.a2, &url)?.0 == 0))?;
+    let accepted = m
+        .agent1
+        .wait_for_records("inbound connection accepted", 2, secs(10))?;
+    assert_eq!(
+        accepted.last().context("no record")?["peer_spiffe_id"],
+        format!("{TD}/ns/default/sa/reports")
+    );
+    // The tunnel pooled before the restart still serves a.
+    assert_eq!(m.tb.curl(&m.a, &url)?, (0, BODY.to_string()));
     Ok(())
 }

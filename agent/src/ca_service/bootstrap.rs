@@ -32,8 +32,8 @@ pub const NODE_CHAIN_FILE: &str = "node.pem";
 /// The node credential's PKCS#8 private key, mode 0600.
 pub const NODE_KEY_FILE: &str = "node-key.pem";
 
-const PUBLIC_MODE: u32 = 0o644;
-const SECRET_MODE: u32 = 0o600;
+pub(super) const PUBLIC_MODE: u32 = 0o644;
+pub(super) const SECRET_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o755;
 
 pub(super) fn bundle_path(dir: &Path) -> PathBuf {
@@ -77,7 +77,7 @@ pub(super) fn write_node_credential(dir: &Path, node: &str, svid: &Svid) -> io::
     )
 }
 
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+pub(super) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()

@@ -52,6 +52,7 @@ mod bootstrap;
 pub mod client;
 mod pem;
 mod protocol;
+mod root_store;
 pub mod server;
 
 #[cfg(test)]
@@ -61,6 +62,7 @@ use crate::identity::{SpiffeId, SpiffeIdError, TrustDomain};
 
 pub use bootstrap::{BUNDLE_FILE, NODE_CHAIN_FILE, NODE_KEY_FILE, NODES_DIR};
 pub use client::{CaClient, CaClientError};
+pub use root_store::{ROOT_CERT_FILE, ROOT_KEY_FILE, RootStoreError};
 pub use server::{CaServer, CaServerConfig, CaServerError};
 
 /// Port `ambit ca` listens on by default.

@@ -43,6 +43,9 @@ pub struct CaServerConfig {
     pub directory: PathBuf,
     /// Where the bundle and the node credentials are written.
     pub bootstrap_dir: PathBuf,
+    /// Where the root is kept across restarts (made there on first start);
+    /// `None`: a fresh root in memory each start.
+    pub root_dir: Option<PathBuf>,
     /// Default and maximum TTL of a workload SVID.
     pub svid_ttl: Duration,
     /// TTL of the node credentials and of the CA's own serving SVID; both
@@ -66,6 +69,7 @@ impl CaServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
             directory: directory.into(),
             bootstrap_dir: bootstrap_dir.into(),
+            root_dir: None,
             svid_ttl: DEFAULT_SVID_TTL,
             bootstrap_ttl: MAX_SVID_TTL,
             reload_interval: Duration::from_secs(1),
@@ -88,6 +92,8 @@ pub enum CaServerError {
     Directory(String),
     #[error("cannot create the certificate authority: {0}")]
     Ca(#[source] CaError),
+    #[error(transparent)]
+    Root(#[from] super::root_store::RootStoreError),
     #[error("cannot issue the bootstrap SVID for {id}: {source}")]
     Bootstrap {
         id: SpiffeId,
@@ -146,8 +152,16 @@ impl CaServer {
         }
         let directory = file::watch(&config.directory, config.reload_interval)
             .map_err(|e| CaServerError::Directory(format!("{e:#}")))?;
-        let ca =
-            CertificateAuthority::new(config.trust_domain.clone()).map_err(CaServerError::Ca)?;
+        let ca = match &config.root_dir {
+            Some(dir) => {
+                let (ca, created) = super::root_store::load_or_create(dir, &config.trust_domain)?;
+                tracing::info!(root_dir = %dir.display(), created, "CA root kept on disk");
+                ca
+            }
+            None => {
+                CertificateAuthority::new(config.trust_domain.clone()).map_err(CaServerError::Ca)?
+            }
+        };
         let mut bundles = TrustBundles::new();
         bundles
             .add_root(config.trust_domain.clone(), ca.root_certificate())

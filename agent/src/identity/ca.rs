@@ -23,7 +23,9 @@ use rcgen::{
     SubjectPublicKeyInfo,
 };
 use rustls::crypto::SecureRandom;
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
+use rustls_pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, pem::PemObject,
+};
 use thiserror::Error;
 use time::OffsetDateTime;
 use x509_parser::prelude::FromDer;
@@ -43,6 +45,17 @@ pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60);
 /// Lifetime of the root and intermediate. Keys live only in this process, so
 /// a restart makes a new CA anyway; this bounds a process that never restarts.
 const CA_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Validity of a root made by [`CertificateAuthority::generate_root`]: it
+/// outlives the CA process (kept in a Secret), and is rotated by hand
+/// (docs/operations.md).
+const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A root CA kept outside the process (in Kubernetes, a Secret mounted as
+/// files), so that the trust bundle agents hold survives CA restarts.
+pub struct RootPem {
+    pub cert: String,
+    pub key: Zeroizing<String>,
+}
 
 /// Why the CA refused or failed to issue.
 #[derive(Debug, Error)]
@@ -67,6 +80,8 @@ pub enum CaError {
     Generate(#[source] rcgen::Error),
     #[error("the certificate just issued cannot be read back: {0}")]
     Inspect(String),
+    #[error("the root CA is not usable: {0}")]
+    BadRoot(String),
 }
 
 /// An ECDSA P-256 private key in PKCS#8 DER, zeroized on drop and never
@@ -263,25 +278,49 @@ impl CertificateAuthority {
     /// else needs it while the CA lives only in memory.
     pub fn new(trust_domain: TrustDomain) -> Result<Self, CaError> {
         let rng = super::tls::crypto_provider().secure_random;
+        let (root, root_issuer, not_after) = new_root(&trust_domain, rng, CA_VALIDITY)?;
+        Self::under_root(trust_domain, root.into(), root_issuer, not_after, rng)
+    }
+
+    /// A new root for `trust_domain`, as PEM, for the operator to keep (a
+    /// Secret) and hand to [`from_root`](Self::from_root).
+    pub fn generate_root(trust_domain: &TrustDomain) -> Result<RootPem, CaError> {
+        let rng = super::tls::crypto_provider().secure_random;
+        let (root, issuer, _) = new_root(trust_domain, rng, ROOT_VALIDITY)?;
+        Ok(RootPem {
+            cert: root.pem(),
+            key: Zeroizing::new(issuer.key().0.serialize_pem()),
+        })
+    }
+
+    /// A CA under an existing root: a fresh intermediate is signed by it,
+    /// so restarts keep the bundle (and every SVID issued before stays
+    /// valid). The root must be a CA certificate of `trust_domain` (its URI
+    /// SAN is the trust domain's ID), valid now, matching `key`.
+    pub fn from_root(trust_domain: TrustDomain, root: &RootPem) -> Result<Self, CaError> {
+        let rng = super::tls::crypto_provider().secure_random;
+        let bad = |why: String| CaError::BadRoot(why);
+        let der = CertificateDer::from_pem_slice(root.cert.as_bytes())
+            .map_err(|e| bad(format!("the certificate is not PEM: {e}")))?;
+        let key = KeyPair::from_pem(&root.key)
+            .map_err(|e| bad(format!("the key is not a PEM private key: {e}")))?;
+        let not_after = check_root(&trust_domain, &der, &key)?;
+        let issuer = Issuer::from_ca_cert_der(&der, CaKey(key))
+            .map_err(|e| bad(format!("cannot sign with it: {e}")))?;
+        Self::under_root(trust_domain, der.into_owned(), issuer, not_after, rng)
+    }
+
+    /// Signs a new intermediate under `root_issuer`, valid for
+    /// [`CA_VALIDITY`] or until the root expires, whichever is first.
+    fn under_root(
+        trust_domain: TrustDomain,
+        root: CertificateDer<'static>,
+        root_issuer: Issuer<'static, CaKey>,
+        root_not_after: OffsetDateTime,
+        rng: &'static dyn SecureRandom,
+    ) -> Result<Self, CaError> {
         let now = OffsetDateTime::now_utc();
-        let not_before = now - CLOCK_SKEW_ALLOWANCE;
-        let not_after = now + CA_VALIDITY;
-
-        let root_key =
-            CaKey(KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Generate)?);
-        let root_params = ca_params(
-            &trust_domain,
-            "Root CA",
-            BasicConstraints::Constrained(1),
-            random_serial(rng)?,
-            not_before,
-            not_after,
-        )?;
-        let root = root_params
-            .self_signed(&root_key)
-            .map_err(CaError::Generate)?;
-        let root_issuer = Issuer::new(root_params, root_key);
-
+        let not_after = (now + CA_VALIDITY).min(root_not_after);
         let int_key =
             CaKey(KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Generate)?);
         let int_params = ca_params(
@@ -289,17 +328,16 @@ impl CertificateAuthority {
             "Intermediate CA",
             BasicConstraints::Constrained(0),
             random_serial(rng)?,
-            not_before,
+            now - CLOCK_SKEW_ALLOWANCE,
             not_after,
         )?;
         let intermediate = int_params
             .signed_by(&int_key, &root_issuer)
             .map_err(CaError::Generate)?;
         drop(root_issuer);
-
         Ok(Self {
             trust_domain,
-            root: root.into(),
+            root,
             intermediate: intermediate.into(),
             intermediate_not_after: not_after,
             issuer: Issuer::new(int_params, int_key),
@@ -432,6 +470,71 @@ impl CertificateAuthority {
     ) -> Vec<CertificateDer<'static>> {
         vec![self.sign(params, key).unwrap(), self.intermediate.clone()]
     }
+}
+
+/// A self-signed root for `td`, valid for `validity` from now.
+fn new_root(
+    td: &TrustDomain,
+    rng: &'static dyn SecureRandom,
+    validity: Duration,
+) -> Result<(rcgen::Certificate, Issuer<'static, CaKey>, OffsetDateTime), CaError> {
+    let now = OffsetDateTime::now_utc();
+    let not_after = now + validity;
+    let key = CaKey(KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Generate)?);
+    let params = ca_params(
+        td,
+        "Root CA",
+        BasicConstraints::Constrained(1),
+        random_serial(rng)?,
+        now - CLOCK_SKEW_ALLOWANCE,
+        not_after,
+    )?;
+    let cert = params.self_signed(&key).map_err(CaError::Generate)?;
+    Ok((cert, Issuer::new(params, key), not_after))
+}
+
+/// Checks that `der` is a CA certificate of `td`, valid now, whose public
+/// key is `key`'s; returns its notAfter.
+fn check_root(td: &TrustDomain, der: &[u8], key: &KeyPair) -> Result<OffsetDateTime, CaError> {
+    let bad = |why: String| CaError::BadRoot(why);
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| bad(format!("the certificate is not valid X.509: {e}")))?;
+    let is_ca = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
+    if !is_ca {
+        return Err(bad(
+            "the certificate is not a CA (basicConstraints cA)".into()
+        ));
+    }
+    let td_id = td.id();
+    let names_td = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value.general_names.iter().any(
+                |n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == td_id.as_str()),
+            )
+        });
+    if !names_td {
+        return Err(bad(format!(
+            "the certificate is not a root of trust domain {td} (no URI SAN {td_id})"
+        )));
+    }
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(bad("the key does not belong to the certificate".into()));
+    }
+    let validity = cert.validity();
+    if !validity.is_valid() {
+        return Err(bad(format!(
+            "the certificate is not valid now (notBefore {}, notAfter {})",
+            validity.not_before, validity.not_after
+        )));
+    }
+    Ok(validity.not_after.to_datetime())
 }
 
 fn ca_params(

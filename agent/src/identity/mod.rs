@@ -15,7 +15,7 @@ mod tests;
 
 pub use ca::{
     CLOCK_SKEW_ALLOWANCE, CaError, CertificateAuthority, DEFAULT_SVID_TTL, MAX_SVID_TTL,
-    MIN_SVID_TTL, Svid, SvidCertificate, SvidKey,
+    MIN_SVID_TTL, RootPem, Svid, SvidCertificate, SvidKey,
 };
 pub use spiffe_id::{
     MAX_SPIFFE_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, SpiffeIdError, TrustDomain,

@@ -792,3 +792,76 @@ async fn tunnel_servers_refuse_a_node_credential_that_the_ca_service_accepts() {
     let out = handshake(client(), any).await;
     assert_eq!(out.server.unwrap(), node_id);
 }
+
+#[test]
+fn a_ca_restarted_from_its_kept_root_keeps_the_bundle_and_old_svids_valid() {
+    let td = td("cluster.local");
+    let root = CertificateAuthority::generate_root(&td).unwrap();
+    assert!(root.key.contains("PRIVATE KEY"));
+    let first = CertificateAuthority::from_root(td.clone(), &root).unwrap();
+    let before = first.issue_svid(&web_id(), None).unwrap();
+    drop(first);
+    let second = CertificateAuthority::from_root(td.clone(), &root).unwrap();
+    let after = second.issue_svid(&web_id(), None).unwrap();
+
+    let mut bundles = TrustBundles::new();
+    bundles
+        .add_root(td.clone(), second.root_certificate())
+        .unwrap();
+    for svid in [&before, &after] {
+        let id = verify_svid(svid.chain(), &bundles, now(), PeerRole::Client).unwrap();
+        assert_eq!(id, web_id());
+    }
+    // The intermediates differ (each start signs its own), the root is one.
+    assert_ne!(before.chain()[1], after.chain()[1]);
+}
+
+#[test]
+fn a_root_that_does_not_fit_is_refused_with_the_reason() {
+    let td = td("cluster.local");
+    let root = CertificateAuthority::generate_root(&td).unwrap();
+    let other = CertificateAuthority::generate_root(&td).unwrap();
+    let reason = |root: &RootPem, td: &TrustDomain| {
+        CertificateAuthority::from_root(td.clone(), root)
+            .unwrap_err()
+            .to_string()
+    };
+
+    let mismatched = RootPem {
+        cert: root.cert.clone(),
+        key: other.key.clone(),
+    };
+    assert!(
+        reason(&mismatched, &td).contains("the key does not belong to the certificate"),
+        "{}",
+        reason(&mismatched, &td)
+    );
+    let foreign = reason(&root, &self::td("other.example"));
+    assert!(
+        foreign.contains("not a root of trust domain other.example"),
+        "{foreign}"
+    );
+
+    // A self-signed certificate of the trust domain that is not a CA.
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI("spiffe://cluster.local".try_into().unwrap())];
+    let not_ca = RootPem {
+        cert: params.self_signed(&key).unwrap().pem(),
+        key: zeroize::Zeroizing::new(key.serialize_pem()),
+    };
+    assert!(
+        reason(&not_ca, &td).contains("not a CA"),
+        "{}",
+        reason(&not_ca, &td)
+    );
+    let garbage = RootPem {
+        cert: "not a certificate".into(),
+        key: root.key.clone(),
+    };
+    assert!(
+        reason(&garbage, &td).contains("not PEM"),
+        "{}",
+        reason(&garbage, &td)
+    );
+}
