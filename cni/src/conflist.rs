@@ -40,14 +40,13 @@ impl Ordered {
     pub fn plugins(&self) -> Result<Vec<Box<RawValue>>, ConfError> {
         match self.get("plugins") {
             None => Ok(Vec::new()),
-            Some(raw) => {
-                serde_json::from_str(raw.get()).map_err(|_| ConfError::PluginsNotAList)
-            }
+            Some(raw) => serde_json::from_str(raw.get()).map_err(|_| ConfError::PluginsNotAList),
         }
     }
 
     pub fn set_plugins(&mut self, plugins: &[Box<RawValue>]) -> Result<(), ConfError> {
-        let raw = serde_json::value::to_raw_value(plugins)?;
+        // One entry per line; each entry keeps its own text.
+        let raw = RawValue::from_string(serde_json::to_string_pretty(plugins)?)?;
         match self.0.iter_mut().find(|(k, _)| k == "plugins") {
             Some((_, v)) => *v = raw,
             None => self.0.push(("plugins".into(), raw)),

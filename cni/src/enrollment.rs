@@ -97,7 +97,10 @@ mod tests {
         let off = labels("disabled");
         assert_eq!(decide(None, false, Some(&on)), Enrollment::Enrolled);
         assert_eq!(decide(Some(&on), false, None), Enrollment::Enrolled);
-        assert_eq!(decide(Some(&off), false, Some(&on)), Enrollment::NotEnrolled);
+        assert_eq!(
+            decide(Some(&off), false, Some(&on)),
+            Enrollment::NotEnrolled
+        );
         assert_eq!(decide(None, false, None), Enrollment::NotEnrolled);
         assert_eq!(decide(Some(&on), true, Some(&on)), Enrollment::NotEnrolled);
         assert_eq!(

@@ -229,7 +229,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut temp = path.as_os_str().to_owned();
     temp.push(TEMP_SUFFIX);
     let temp = PathBuf::from(temp);
-    let mut file = fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
+    let mut file =
+        fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
     file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("writing {}", temp.display()))?;

@@ -16,7 +16,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ambit-cni", about = "Ambit's chained CNI plugin and its installer")]
+#[command(
+    name = "ambit-cni",
+    about = "Ambit's chained CNI plugin and its installer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -79,7 +82,10 @@ fn run_plugin() -> ExitCode {
             spec::code::INVALID_ENV,
             format!("ambit-cni: reading stdin: {e}"),
         )),
-        Ok(_) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(_) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(runtime) => runtime.block_on(plugin::run(&Env::from_process(), &stdin)),
             Err(e) => Outcome::Failure(spec::CniError::new(
                 "1.0.0",
@@ -98,7 +104,11 @@ fn run_plugin() -> ExitCode {
     };
     if let Some(json) = json {
         let mut stdout = std::io::stdout().lock();
-        if stdout.write_all(&json).and_then(|()| stdout.flush()).is_err() {
+        if stdout
+            .write_all(&json)
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
             return ExitCode::FAILURE;
         }
     }

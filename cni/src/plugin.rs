@@ -45,7 +45,11 @@ pub async fn run(env: &Env, stdin: &[u8]) -> Outcome {
         // VERSION's stdin carries only cniVersion (and may be empty).
         let version = serde_json::from_slice::<Value>(stdin)
             .ok()
-            .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(String::from))
+            .and_then(|v| {
+                v.get("cniVersion")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            })
             .unwrap_or_else(|| "1.0.0".into());
         return Outcome::Success(Some(spec::version_info(&version)));
     }
@@ -172,7 +176,10 @@ async fn del(env: &Env, conf: &NetConf) -> Outcome {
                 status: Status::Released,
                 ..
             }) => {}
-            Ok(other) => eprintln!("ambit-cni: DEL of {}/{}: agent answered {other:?}", pod.namespace, pod.name),
+            Ok(other) => eprintln!(
+                "ambit-cni: DEL of {}/{}: agent answered {other:?}",
+                pod.namespace, pod.name
+            ),
             Err(e) => eprintln!("ambit-cni: DEL of {}/{}: {e}", pod.namespace, pod.name),
         }
     }

@@ -150,9 +150,13 @@ mod tests {
             uid: "u".into(),
             ips: vec![],
         };
-        let err = call(&dir.path().join("none.sock"), &request, Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let err = call(
+            &dir.path().join("none.sock"),
+            &request,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, CallError::Unreachable { .. }), "{err}");
     }
 }

@@ -99,11 +99,19 @@ fn round_trip(fixture: &str, expected_chain: &[&str]) {
     let after_first = snapshot(&node.conf);
     let again = install::install(&node.conf, &node.bin, None, &entry(), &node.binary).unwrap();
     assert_eq!(again, Installed::AlreadyPresent(target.clone()));
-    assert_eq!(snapshot(&node.conf), after_first, "a second install changed files");
+    assert_eq!(
+        snapshot(&node.conf),
+        after_first,
+        "a second install changed files"
+    );
 
     let removed = install::uninstall(&node.conf, &node.bin, None).unwrap();
     assert_eq!(removed, Uninstalled::Restored(target));
-    assert_eq!(snapshot(&node.conf), before, "uninstall did not restore the bytes");
+    assert_eq!(
+        snapshot(&node.conf),
+        before,
+        "uninstall did not restore the bytes"
+    );
     assert!(!node.bin.join("ambit-cni").exists());
 }
 
@@ -198,7 +206,8 @@ fn a_config_rewritten_by_the_primary_plugin_is_left_alone() {
     let target = node.conf.join("05-cilium.conflist");
     install::install(&node.conf, &node.bin, None, &entry(), &node.binary).unwrap();
     // Cilium's agent rewrites its config at restart, without our entry.
-    let rewritten = b"{\"cniVersion\":\"0.3.1\",\"name\":\"cilium\",\"plugins\":[{\"type\":\"cilium-cni\"}]}";
+    let rewritten =
+        b"{\"cniVersion\":\"0.3.1\",\"name\":\"cilium\",\"plugins\":[{\"type\":\"cilium-cni\"}]}";
     fs::write(&target, rewritten).unwrap();
     assert_eq!(
         install::uninstall(&node.conf, &node.bin, None).unwrap(),
