@@ -237,3 +237,61 @@ async fn ask_agent(
 fn timeout(conf: &NetConf) -> Duration {
     Duration::from_millis(conf.timeout_ms)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn env(command: &str, args: &str) -> Env {
+        Env {
+            command: command.into(),
+            container_id: "c".into(),
+            netns: "/var/run/netns/none".into(),
+            args: args.into(),
+        }
+    }
+
+    fn failure_code(outcome: Outcome) -> u32 {
+        match outcome {
+            Outcome::Failure(e) => e.code,
+            Outcome::Success(v) => panic!("succeeded with {v:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unsupported_version_is_refused() {
+        let conf = json!({"cniVersion": "9.9.9", "name": "n", "type": "ambit-cni"});
+        let outcome = run(&env("ADD", ""), conf.to_string().as_bytes()).await;
+        assert_eq!(failure_code(outcome), code::INCOMPATIBLE_VERSION);
+    }
+
+    #[tokio::test]
+    async fn add_without_a_previous_result_is_a_config_error() {
+        let conf = json!({"cniVersion": "1.0.0", "name": "n", "type": "ambit-cni"});
+        let args = "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b";
+        let outcome = run(&env("ADD", args), conf.to_string().as_bytes()).await;
+        assert_eq!(failure_code(outcome), code::INVALID_CONFIG);
+    }
+
+    #[tokio::test]
+    async fn garbage_on_stdin_is_a_decode_error() {
+        let outcome = run(&env("ADD", ""), b"not json").await;
+        assert_eq!(failure_code(outcome), code::DECODE_FAILED);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_agent_without_kubeconfig_cannot_tell() {
+        let dir = tempfile::tempdir().unwrap();
+        let prev =
+            json!({"cniVersion": "0.4.0", "ips": [{"version": "4", "address": "198.18.240.9/24"}]});
+        let conf = json!({
+            "cniVersion": "0.4.0", "name": "n", "type": "ambit-cni",
+            "agentSocket": dir.path().join("none.sock"), "prevResult": prev,
+        });
+        let args = "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b;K8S_POD_UID=u";
+        let outcome = run(&env("ADD", args), conf.to_string().as_bytes()).await;
+        assert_eq!(failure_code(outcome), code::ENROLLMENT_UNKNOWN);
+    }
+}
