@@ -16,6 +16,7 @@
 
 pub mod agent;
 mod cleanup;
+pub mod cni_chain;
 pub mod control_plane;
 pub mod exec;
 pub mod procfs;

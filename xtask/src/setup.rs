@@ -29,6 +29,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("dpkg-dev", "/usr/bin/dpkg-source"),
     ("make", "/usr/bin/make"),
     ("rsync", "/usr/bin/rsync"),
+    // tests/tests/cni.rs chains ambit-cni after Debian's bridge + host-local.
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"),
 ];
 
 pub fn run() -> Result<()> {
