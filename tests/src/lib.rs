@@ -18,6 +18,7 @@ pub mod agent;
 mod cleanup;
 pub mod control_plane;
 pub mod exec;
+pub mod kube_pods;
 pub mod procfs;
 
 use std::{
