@@ -140,4 +140,49 @@ impl Testbed {
             ],
         )
     }
+
+    /// Spawns a Kubernetes agent on `node` (embedded CA, log
+    /// `<dir>/<returned name>.err`) without waiting for it to be ready, as
+    /// when the API server is not there yet. Killed when the testbed drops.
+    pub fn spawn_kubernetes_agent(&self, node: usize, kubeconfig: &Path) -> Result<String> {
+        let node_host = self.node(node).clone();
+        let place = Sandbox {
+            netns: node_host.netns.clone(),
+            cgroup: node_host.cgroup.join("agent-k8s"),
+            label: format!("agent-k8s-n{node}"),
+        };
+        std::fs::create_dir_all(&place.cgroup)?;
+        let binary = crate::agent::agent_binary()?;
+        let binary = binary.display().to_string();
+        let cgroup = node_host.cgroup.display().to_string();
+        let pins = node_host.bpf_pin_dir.display().to_string();
+        let audit = self.dir.path().join(format!("audit-k8s-n{node}.log"));
+        let audit = audit.display().to_string();
+        let kubeconfig = kubeconfig.display().to_string();
+        let node_name = format!("node{node}");
+        let mut cmd = crate::exec::command(
+            &place,
+            &binary,
+            &[
+                "--log-format",
+                "json",
+                "run",
+                "--kubernetes",
+                "--kubeconfig",
+                &kubeconfig,
+                "--node-name",
+                &node_name,
+                "--cgroup-path",
+                &cgroup,
+                "--bpf-pin-dir",
+                &pins,
+                "--audit-log",
+                &audit,
+            ],
+        );
+        cmd.env("AMBIT_LOG", "info");
+        let name = place.label.clone();
+        self.spawn_command(&mut cmd, &name)?;
+        Ok(name)
+    }
 }

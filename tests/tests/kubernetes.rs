@@ -280,3 +280,52 @@ fn namespace_and_pod_labels_enroll_pods_on_both_nodes_and_survive_an_api_outage(
     }
     Ok(())
 }
+
+/// `(body, status code)` of the agent's /readyz on `node` ("000": no answer).
+fn readyz(tb: &Testbed, node: usize) -> Result<(String, String)> {
+    let host = tb.node(node).clone();
+    let out = tb.run(
+        &host,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            "http://127.0.0.1:15020/readyz",
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Ok((body.to_owned(), code.to_owned()))
+}
+
+#[test]
+fn an_agent_started_while_the_api_server_is_down_is_not_ready_until_the_initial_sync() -> Result<()>
+{
+    let cp = ControlPlane::start()?;
+    let kubeconfig = agent_kubeconfig(&cp)?;
+    let tb = Testbed::new(1)?;
+    tb.bridge_api_server(0, &cp)?;
+    cp.stop_api_server()?;
+    let agent = tb.spawn_kubernetes_agent(0, &kubeconfig)?;
+    wait_until(secs(30), || {
+        let (body, code) = readyz(&tb, 0)?;
+        Ok(code == "503" && body.contains("waiting for the initial Kubernetes sync"))
+    })
+    .with_context(|| format!("/readyz never said it waits:\n{}", tb.stderr_of(&agent)))?;
+    ensure!(
+        !tb.stderr_of(&agent).contains("\"agent ready\""),
+        "ready without the API server"
+    );
+
+    cp.start_api_server()?;
+    // The watches retry with kube-runtime's backoff (at most 30 s apart).
+    wait_until(secs(90), || Ok(readyz(&tb, 0)?.1 == "200"))
+        .with_context(|| format!("never ready:\n{}", tb.stderr_of(&agent)))?;
+    let log = tb.stderr_of(&agent);
+    ensure!(log.contains("\"initial Kubernetes sync done\""), "{log}");
+    ensure!(log.contains("\"agent ready\""), "{log}");
+    Ok(())
+}
