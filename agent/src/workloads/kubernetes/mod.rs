@@ -310,3 +310,81 @@ fn workload((namespace, name): &(String, String), pod: &PodRecord, netns: PathBu
         node: Some(pod.node.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(init: bool) -> Result<Event<Pod>, watcher::Error> {
+        Ok(if init { Event::Init } else { Event::InitDone })
+    }
+
+    #[test]
+    fn a_restart_is_counted_once_per_outage_and_per_relist() {
+        let metrics = KubernetesMetrics::register(&prometheus::Registry::new()).unwrap();
+        let counters = metrics.watch("pods");
+        let mut health = Health::new("pods", counters.clone());
+        // The first list is no restart.
+        assert!(health.observe(event(true)).is_some());
+        health.observe(event(false));
+        assert_eq!(counters.restarts.get(), 0);
+        // An outage: each failed attempt is an error, the resumption one
+        // restart, even when it resumes with a re-list.
+        for _ in 0..3 {
+            assert!(
+                health
+                    .observe::<Pod>(Err(watcher::Error::NoResourceVersion))
+                    .is_none()
+            );
+        }
+        health.observe(event(true));
+        health.observe(event(false));
+        assert_eq!((counters.errors.get(), counters.restarts.get()), (3, 1));
+        // A re-list without an error (410 Gone) is a restart too.
+        health.observe(event(true));
+        assert_eq!(counters.restarts.get(), 2);
+    }
+
+    struct NoNetns;
+
+    impl NetnsLocator for NoNetns {
+        fn locate(&self, _: &str) -> Option<PathBuf> {
+            None
+        }
+    }
+
+    #[test]
+    fn snapshots_keep_only_remote_pods_of_other_nodes_and_mark_unlocated_netns() {
+        let record = |node: &str, uid: &str| PodRecord {
+            uid: uid.into(),
+            service_account: "sa".into(),
+            node: node.into(),
+            ips: vec!["198.18.0.10".parse().unwrap()],
+            labels: Labels::new(),
+        };
+        let mut state = SourceState {
+            node: "n0".into(),
+            namespaces: Reduced::default(),
+            local: Reduced::default(),
+            cluster: Reduced::default(),
+            netns: BTreeMap::new(),
+            locator: Arc::new(NoNetns),
+        };
+        let key = |name: &str| ("ns".to_string(), name.to_string());
+        state.local.insert_for_test(key("a"), record("n0", "u-a"));
+        state.cluster.insert_for_test(key("a"), record("n0", "u-a"));
+        state.cluster.insert_for_test(key("b"), record("n1", "u-b"));
+        state
+            .netns
+            .insert("u-a".into(), PathBuf::from("/proc/1/ns/net"));
+        let snapshot = state.snapshot();
+        let names: Vec<(&str, Option<&str>)> = snapshot
+            .workloads
+            .iter()
+            .map(|w| (w.name.as_str(), w.node.as_deref()))
+            .collect();
+        assert_eq!(names, [("a", Some("n0")), ("b", Some("n1"))]);
+        assert_eq!(snapshot.workloads[0].netns, PathBuf::from("/proc/1/ns/net"));
+        assert_eq!(snapshot.workloads[1].netns, PathBuf::new());
+    }
+}

@@ -160,6 +160,12 @@ impl<T: PartialEq> Reduced<T> {
     pub fn is_empty(&self) -> bool {
         self.live.is_empty()
     }
+
+    #[cfg(test)]
+    pub(crate) fn insert_for_test(&mut self, key: ObjectKey, value: T) {
+        self.live.insert(key, value);
+        self.synced = true;
+    }
 }
 
 #[cfg(test)]
