@@ -18,11 +18,11 @@ use crate::{
     audit::AuditLog,
     ca_service::{BUNDLE_FILE, CaClient, NODE_CHAIN_FILE, NODE_KEY_FILE, NODES_DIR},
     capture::Capture,
-    config::{IdentityConfig, RunConfig},
+    config::{IdentityConfig, RunConfig, WorkloadSource},
     gate::Gate,
     identity::{CertificateAuthority, SpiffeId, TrustDomain},
     mesh::Mesh,
-    metrics::{Metrics, TunnelMetrics},
+    metrics::{KubernetesMetrics, Metrics, TunnelMetrics},
     netns::Netns,
     pod::{DialSettings, PodContext, PodHandle, PodState},
     policy::{self, Engine, PolicySet},
@@ -35,7 +35,10 @@ use crate::{
     },
     svids::{IdentitySource, SvidStore},
     tunnel::TunnelPool,
-    workloads::{self, NodeWorkloads, Workload, directory::Directory},
+    workloads::{
+        self, NodeWorkloads, Workload, WorkloadFeed, directory::Directory,
+        kubernetes::netns_locator::ProcNetnsLocator,
+    },
 };
 
 /// How often pods that failed to enroll (e.g. their netns was not there yet)
@@ -135,16 +138,40 @@ fn pod_addresses(netns: &Netns, workload: &Workload) -> Result<Vec<IpAddr>> {
     Ok(addresses)
 }
 
+/// The configured workload source, started.
+async fn workload_feed(config: &RunConfig, metrics: &Metrics) -> Result<WorkloadFeed> {
+    Ok(match &config.workloads {
+        WorkloadSource::File(path) => WorkloadFeed {
+            workloads: workloads::file::watch(path, config.reload_interval)?,
+            synced: watch::channel(true).1,
+        },
+        WorkloadSource::Kubernetes(kubernetes) => {
+            let watch_metrics = KubernetesMetrics::register(metrics.registry())
+                .context("registering the Kubernetes metrics")?;
+            workloads::kubernetes::watch(
+                kubernetes,
+                &watch_metrics,
+                Arc::new(ProcNetnsLocator::default()),
+            )
+            .await?
+        }
+    })
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: RunConfig) -> Result<()> {
     // Missing privileges first (they also explain unreadable files), then a
     // bad workloads file or identity setup, all before the kernel is touched.
     crate::preflight::check_capabilities()?;
-    let mut workloads = workloads::file::watch(&config.workloads_file, config.reload_interval)?;
+    let metrics = Arc::new(Metrics::new());
+    let WorkloadFeed {
+        mut workloads,
+        mut synced,
+    } = workload_feed(&config, &metrics).await?;
+    // Before the first sync of Kubernetes this has only the node name.
     let initial = workloads.borrow_and_update().clone();
     let trust_domain = TrustDomain::new(&config.trust_domain)
         .with_context(|| format!("invalid --trust-domain {:?}", config.trust_domain))?;
-    let metrics = Arc::new(Metrics::new());
     let tunnel_metrics =
         TunnelMetrics::register(metrics.registry()).context("registering the tunnel metrics")?;
     let pool = TunnelPool::with_observer(config.tunnel, Arc::new(tunnel_metrics));
@@ -203,7 +230,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         metrics: Arc::clone(&metrics),
         close_on_policy_change: config.policy.close_on_change,
     });
-    let state = Arc::new(AgentState::new(
+    let mut state = AgentState::new(
         metrics,
         Arc::clone(&mesh.svids),
         policies,
@@ -211,7 +238,9 @@ pub async fn run(config: RunConfig) -> Result<()> {
         rejections,
         audit,
         initial.node.clone(),
-    ));
+    );
+    state.workloads_synced = synced.clone();
+    let state = Arc::new(state);
     let admin = AdminServer::bind(config.admin_addr, Arc::clone(&state) as _).await?;
     tracing::info!(addr = %admin.local_addr(), "admin server listening");
     tokio::spawn(admin.run());
@@ -229,12 +258,25 @@ pub async fn run(config: RunConfig) -> Result<()> {
         pods: BTreeMap::new(),
         limits,
     };
-    agent.reconcile(&initial);
+    let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    // Enrollments a previous agent left are only judged against a complete
+    // view; until then /readyz says what is awaited.
+    if !*synced.borrow() {
+        tracing::info!("waiting for the initial Kubernetes sync");
+        tokio::select! {
+            done = synced.wait_for(|synced| *synced) => {
+                done.context("the workload source stopped before its first sync")?;
+            }
+            _ = terminate.recv() => return agent.shutdown(),
+            _ = interrupt.recv() => return agent.shutdown(),
+        }
+    }
+    let current = workloads.borrow_and_update().clone();
+    agent.reconcile(&current);
     agent.forget_stale_enrollments();
     tracing::info!(enrolled = agent.pods.len(), "agent ready");
 
-    let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     loop {
         tokio::select! {
@@ -356,6 +398,10 @@ impl Agent {
     /// background; until it arrives its connections are refused, never
     /// sent in clear.
     fn capture_pod(&self, workload: &Workload, spiffe_id: &SpiffeId) -> Result<CapturedPod> {
+        anyhow::ensure!(
+            !workload.netns.as_os_str().is_empty(),
+            "the pod's network namespace is not found yet"
+        );
         let netns = Arc::new(Netns::open(&workload.netns)?);
         let addresses = pod_addresses(&netns, workload)?;
         let dial = DialSettings {

@@ -36,6 +36,8 @@ pub struct AgentState {
     /// Workloads that should be captured but are not, with the last error.
     pub not_captured: Mutex<BTreeMap<String, String>>,
     pub node: String,
+    /// False until the workload source has its first complete view.
+    pub workloads_synced: watch::Receiver<bool>,
     rejections_seen: AtomicU64,
 }
 
@@ -59,6 +61,8 @@ impl AgentState {
             enrolled: Mutex::new(BTreeMap::new()),
             not_captured: Mutex::new(BTreeMap::new()),
             node,
+            // A source that starts incomplete replaces this.
+            workloads_synced: watch::channel(true).1,
             rejections_seen: AtomicU64::new(0),
         }
     }
@@ -102,6 +106,9 @@ impl AdminState for AgentState {
     }
 
     fn ready(&self) -> Result<(), String> {
+        if !*self.workloads_synced.borrow() {
+            return Err("waiting for the initial Kubernetes sync".into());
+        }
         if !self.policies.borrow().is_loaded() {
             return Err("no valid policy set loaded yet".into());
         }

@@ -42,12 +42,20 @@ pub enum IdentityConfig {
     },
 }
 
+/// Where the agent learns which workloads run where.
+#[derive(Clone, Debug)]
+pub enum WorkloadSource {
+    /// A local YAML file (the demo and the tests).
+    File(PathBuf),
+    Kubernetes(crate::workloads::kubernetes::KubernetesConfig),
+}
+
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub capture: CaptureConfig,
     pub trust_domain: String,
     pub identity: IdentityConfig,
-    pub workloads_file: PathBuf,
+    pub workloads: WorkloadSource,
     /// How often the workloads file is re-read.
     pub reload_interval: Duration,
     pub connect_timeout: Duration,

@@ -3,8 +3,9 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use ambit::{
-    config::{CaptureConfig, IdentityConfig, PolicyConfig, RunConfig},
+    config::{CaptureConfig, IdentityConfig, PolicyConfig, RunConfig, WorkloadSource},
     telemetry::{self, LogFormat},
+    workloads::kubernetes::KubernetesConfig,
 };
 use clap::{Args, Parser, Subcommand};
 
@@ -42,10 +43,21 @@ enum Command {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("workload_source").required(true).args(["workloads", "kubernetes"])))]
 struct RunArgs {
     /// YAML file listing this node's workloads (re-read when it changes).
     #[arg(long)]
-    workloads: PathBuf,
+    workloads: Option<PathBuf>,
+    /// Learn workloads from the Kubernetes API (in-cluster configuration
+    /// unless --kubeconfig is given).
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubeconfig file for --kubernetes.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (the pods' spec.nodeName), for --kubernetes.
+    #[arg(long, env = "NODE_NAME", required_if_eq("kubernetes", "true"))]
+    node_name: Option<String>,
     /// cgroup v2 directory to attach the capture programs to
     /// [default: the cgroup v2 root from /proc/self/mountinfo].
     #[arg(long)]
@@ -325,7 +337,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 svid_ttl: args.svid_ttl_secs.map(Duration::from_secs),
             },
         },
-        workloads_file: args.workloads,
+        workloads: match (args.workloads, args.node_name) {
+            (Some(path), _) => WorkloadSource::File(path),
+            (None, node_name) => WorkloadSource::Kubernetes(KubernetesConfig {
+                kubeconfig: args.kubeconfig,
+                node_name: anyhow::Context::context(
+                    node_name,
+                    "--node-name (or NODE_NAME) is required",
+                )?,
+            }),
+        },
         reload_interval: Duration::from_millis(args.reload_interval_ms),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         cleanup_on_exit: args.cleanup_on_exit,

@@ -142,10 +142,11 @@ impl Testbed {
             .dir
             .path()
             .join(format!("workloads-n{}.yaml", node.index));
-        let mut args: Vec<String> = ["--log-format", "json", "run", "--workloads"]
-            .map(String::from)
-            .to_vec();
-        args.push(workloads_file.display().to_string());
+        let mut args: Vec<String> = ["--log-format", "json", "run"].map(String::from).to_vec();
+        // The workloads file and --kubernetes are exclusive.
+        if !extra.contains(&"--kubernetes") {
+            args.extend(["--workloads".into(), workloads_file.display().to_string()]);
+        }
         args.extend(["--cgroup-path".into(), node.cgroup.display().to_string()]);
         args.extend([
             "--bpf-pin-dir".into(),

@@ -12,6 +12,7 @@
 
 mod guard;
 mod handshake;
+mod kubernetes;
 mod rejection;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -27,6 +28,7 @@ use prometheus::{
 
 pub use guard::ActiveConnection;
 pub use handshake::HandshakeFailure;
+pub use kubernetes::{KubernetesMetrics, WatchMetrics};
 pub use rejection::Rejection;
 pub use tunnel::TunnelMetrics;
 

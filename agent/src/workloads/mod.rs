@@ -1,12 +1,14 @@
 //! What runs on this node: the workload model, the enrollment rule, and the
-//! sources that report workloads (a local file now, Kubernetes later).
+//! sources that report workloads (a local file, or Kubernetes).
 
 pub mod directory;
 pub mod file;
+pub mod kubernetes;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 
 use serde::Deserialize;
+use tokio::sync::watch;
 
 /// The label that enrolls a namespace or pod (`enabled`) or opts a pod out
 /// (`disabled`).
@@ -75,6 +77,14 @@ impl Workload {
     pub fn permissive(&self) -> bool {
         self.labels.get(MTLS_MODE_LABEL).map(String::as_str) == Some("permissive")
     }
+}
+
+/// What a workload source hands the control loop: the workloads, and
+/// whether they are complete yet (a source that must first list them from
+/// elsewhere starts with `false`).
+pub struct WorkloadFeed {
+    pub workloads: watch::Receiver<NodeWorkloads>,
+    pub synced: watch::Receiver<bool>,
 }
 
 /// Everything a workload source reports about this node at one moment.
