@@ -334,7 +334,7 @@ fn an_agent_started_while_the_api_server_is_down_is_not_ready_until_the_initial_
     );
 
     cp.start_api_server()?;
-    // The watches retry with kube-runtime's backoff (at most 30 s apart).
+    // The watches retry at most about 20 s apart (10 s cap, jittered).
     wait_until(secs(90), || Ok(readyz(&tb, 0)?.1 == "200"))
         .with_context(|| format!("never ready:\n{}", tb.stderr_of(&agent)))?;
     let log = tb.stderr_of(&agent);

@@ -22,7 +22,8 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
-        watcher::{self, Event, watcher},
+        utils::ResetTimerBackoff,
+        watcher::{self, Event, ExponentialBackoff, watcher},
     },
 };
 use tokio::sync::watch;
@@ -107,7 +108,22 @@ fn watched<K>(api: Api<K>, config: watcher::Config) -> Watched<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    watcher(api, config).default_backoff().boxed()
+    watcher(api, config).backoff(watch_backoff()).boxed()
+}
+
+/// Retry delays of a failed watch: 0.5 s doubling to 10 s, jittered (up to
+/// twice that), reset after two quiet minutes. Shorter than kube-runtime's
+/// default (30 s cap) so that a node agent notices a returning API server
+/// within seconds, not a minute; the jitter still spreads a cluster's
+/// agents apart.
+fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
+    let builder = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(10))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    ResetTimerBackoff::new(builder.into(), Duration::from_secs(120))
 }
 
 struct Streams {
