@@ -37,8 +37,8 @@ const KEY_HINT: &str = "the CA (`ambit ca --bootstrap-dir DIR`) writes it to \
 const BUNDLE_HINT: &str =
     "the CA (`ambit ca --bootstrap-dir DIR`) writes it to DIR/bundle.pem when it starts";
 const STALE_HINT: &str = "the files are from different CA runs or the credential expired: \
-    use the bundle.pem and node files the running CA wrote (a restarted CA has a new root, \
-    so the agent must be restarted to load the new bundle)";
+    use the bundle.pem and node files the running CA wrote (a CA restarted without \
+    --root-dir has a new root, so the agent must be restarted to load the new bundle)";
 
 /// Why loading the bootstrap files or obtaining an SVID failed.
 #[derive(Debug, Error)]
