@@ -352,22 +352,7 @@ impl Agent {
 
     /// GETs `path` from the agent's admin server (from inside its node).
     pub fn admin_get(&self, tb: &Testbed, path: &str) -> Result<(String, String)> {
-        let url = format!("http://127.0.0.1:15020{path}");
-        let out = tb.run(
-            &self.node,
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "-w",
-                "\n%{http_code}",
-                &url,
-            ],
-        )?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        Ok((code.to_owned(), body.to_owned()))
+        admin_get(tb, &self.node, path)
     }
 
     /// The value of one series in the agent's /metrics, e.g.
@@ -451,6 +436,27 @@ impl Agent {
         wait_until(Duration::from_secs(20), || Ok(self.has_exited()))
             .with_context(|| format!("agent {} did not exit", self.name))
     }
+}
+
+/// GETs `path` from the admin server of the agent on `node` (on
+/// 127.0.0.1:15020 there); returns (status code, body).
+pub fn admin_get(tb: &Testbed, node: &crate::Node, path: &str) -> Result<(String, String)> {
+    let url = format!("http://127.0.0.1:15020{path}");
+    let out = tb.run(
+        node,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Ok((code.to_owned(), body.to_owned()))
 }
 
 pub fn message(record: &Value) -> &str {

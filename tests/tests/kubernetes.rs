@@ -20,63 +20,6 @@ fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
 
-/// A packet capture on node 0's end of the inter-node link.
-struct LinkCapture {
-    pid: u32,
-    file: PathBuf,
-    name: String,
-}
-
-fn capture_link(tb: &Testbed, name: &str) -> Result<LinkCapture> {
-    let file = tb.dir.path().join(format!("{name}.pcap"));
-    let node = tb.node(0).clone();
-    let path = file.display().to_string();
-    let pid = tb.spawn(
-        &node,
-        name,
-        &[
-            "tcpdump",
-            "-i",
-            "ln0",
-            "--immediate-mode",
-            "-U",
-            "-n",
-            "-s",
-            "0",
-            "-w",
-            &path,
-            "tcp",
-        ],
-    )?;
-    wait_until(secs(10), || Ok(tb.stderr_of(name).contains("listening on")))?;
-    Ok(LinkCapture {
-        pid,
-        file,
-        name: name.into(),
-    })
-}
-
-impl LinkCapture {
-    /// Stops the capture; returns whether `marker` crossed the link in clear.
-    fn saw_in_clear(self, tb: &Testbed, marker: &str) -> Result<bool> {
-        // The exchange happened: let tcpdump write it before it stops
-        // (more than the 24-byte file header, then a moment for the rest).
-        wait_until(secs(5), || {
-            Ok(std::fs::metadata(&self.file).map_or(0, |m| m.len()) > 24)
-        })
-        .context("tcpdump wrote no packet")?;
-        std::thread::sleep(Duration::from_millis(500));
-        let pid = libc::pid_t::try_from(self.pid)?;
-        // SAFETY: kill(2) on a child we spawned.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        wait_until(secs(10), || {
-            Ok(tb.stderr_of(&self.name).contains("packets captured"))
-        })?;
-        let pcap = std::fs::read(&self.file)?;
-        Ok(pcap.windows(marker.len()).any(|w| w == marker.as_bytes()))
-    }
-}
-
 /// Sends `marker` from `from` to the echo server on `to`; true when it
 /// came back.
 fn echo(tb: &Testbed, from: &Pod, to: &Pod, marker: &str) -> Result<bool> {
@@ -94,7 +37,7 @@ fn echo(tb: &Testbed, from: &Pod, to: &Pod, marker: &str) -> Result<bool> {
 /// SVIDs settle) with the link captured; returns whether it crossed in
 /// clear.
 fn crosses_in_clear(tb: &Testbed, from: &Pod, to: &Pod, step: &str) -> Result<bool> {
-    let capture = capture_link(tb, &format!("link-{step}"))?;
+    let capture = tb.capture_link(&format!("link-{step}"))?;
     let marker = format!("marker-{step}-5c1e");
     wait_until(secs(30), || echo(tb, from, to, &marker))
         .with_context(|| format!("{step}: {} never reached {}", from.name, to.name))?;
@@ -296,22 +239,8 @@ fn namespace_and_pod_labels_enroll_pods_on_both_nodes_and_survive_an_api_outage(
 
 /// `(body, status code)` of the agent's /readyz on `node` ("000": no answer).
 fn readyz(tb: &Testbed, node: usize) -> Result<(String, String)> {
-    let host = tb.node(node).clone();
-    let out = tb.run(
-        &host,
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "-w",
-            "\n%{http_code}",
-            "http://127.0.0.1:15020/readyz",
-        ],
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    Ok((body.to_owned(), code.to_owned()))
+    let (code, body) = ambit_testbed::agent::admin_get(tb, tb.node(node), "/readyz")?;
+    Ok((body, code))
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! own agent, and `ambit ca` issuing every SVID: the mTLS tunnel between
 //! nodes, identities from certificates, and strict inbound capture.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use ambit_testbed::{Host, Pod, Testbed, WorkloadEntry, agent::Agent, stderr, wait_until};
 use anyhow::{Context, Result, ensure};
@@ -77,66 +77,10 @@ fn ca_file(m: &Mesh2, relative: &str) -> String {
         .to_string()
 }
 
-/// A packet capture on node 0's end of the inter-node link.
-struct Capture {
-    pid: u32,
-    file: PathBuf,
-    name: String,
-}
-
-fn capture_link(tb: &Testbed, name: &str) -> Result<Capture> {
-    let file = tb.dir.path().join(format!("{name}.pcap"));
-    let node = tb.node(0).clone();
-    let pid = tb.spawn(
-        &node,
-        name,
-        &[
-            "tcpdump",
-            "-i",
-            "ln0",
-            "-U",
-            "-n",
-            "-s",
-            "0",
-            "-w",
-            file.to_str().unwrap(),
-            "tcp",
-        ],
-    )?;
-    wait_until(secs(10), || Ok(tb.stderr_of(name).contains("listening on")))?;
-    Ok(Capture {
-        pid,
-        file,
-        name: name.into(),
-    })
-}
-
-impl Capture {
-    fn stop(&self, tb: &Testbed) -> Result<Vec<u8>> {
-        // SAFETY: kill(2) on a child we spawned.
-        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
-        wait_until(secs(10), || {
-            Ok(tb.stderr_of(&self.name).contains("packets captured"))
-        })?;
-        Ok(std::fs::read(&self.file)?)
-    }
-
-    /// Packets tshark finds in the capture for a display filter.
-    fn count(&self, filter: &str) -> Result<usize> {
-        let out = std::process::Command::new("tshark")
-            .args(["-n", "-r"])
-            .arg(&self.file)
-            .args(["-Y", filter])
-            .output()?;
-        ensure!(out.status.success(), "tshark: {}", stderr(&out));
-        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
-    }
-}
-
 #[test]
 fn traffic_between_nodes_is_tls_only_and_the_server_sees_the_client_identity() -> Result<()> {
     let m = mesh2(3600)?;
-    let capture = capture_link(&m.tb, "link")?;
+    let capture = m.tb.capture_link("link")?;
     let marker = "plaintext-marker-6b0f2c";
     let out = m.tb.sh(
         &m.a,
