@@ -66,10 +66,6 @@ impl Netns {
         Ok(netns)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The kernel's cookie for this namespace, as `bpf_get_netns_cookie` sees it.
     pub fn cookie(&self) -> u64 {
         self.cookie

@@ -43,6 +43,12 @@ impl WorkloadEntry {
         }
     }
 
+    /// The same pod under service account `name`.
+    pub fn with_service_account(mut self, name: &str) -> Self {
+        self.service_account = name.into();
+        self
+    }
+
     /// The same pod with one more label (or `app` replaced).
     pub fn with_label(mut self, key: &str, value: &str) -> Self {
         self.labels.push((key.into(), value.into()));

@@ -40,10 +40,8 @@ fn scene(agent1_args: &[&str]) -> Result<Scene> {
     let b = tb.add_pod(1, "b")?;
     tb.http_server(&b, "http-b", HTTP, BODY)?;
     tb.echo_server(&b, "echo-b", ECHO)?;
-    let mut a_entry = WorkloadEntry::enrolled(&a);
-    a_entry.service_account = "frontend".into();
     let entries = [
-        a_entry,
+        WorkloadEntry::enrolled(&a).with_service_account("frontend"),
         WorkloadEntry::opted_out(&c),
         WorkloadEntry::enrolled(&b),
     ];

@@ -107,13 +107,9 @@ fn mesh(agent_args: [&[&str]; 2]) -> Result<Flood> {
     let b = tb.add_pod(1, "b")?;
     tb.http_server(&b, "http-b", HTTP, BODY)?;
     tb.echo_server(&b, "echo-b", ECHO)?;
-    let mut a_entry = WorkloadEntry::enrolled(&a);
-    a_entry.service_account = "frontend".into();
-    let mut a2_entry = WorkloadEntry::enrolled(&a2);
-    a2_entry.service_account = "batch".into();
     let entries = [
-        a_entry,
-        a2_entry,
+        WorkloadEntry::enrolled(&a).with_service_account("frontend"),
+        WorkloadEntry::enrolled(&a2).with_service_account("batch"),
         WorkloadEntry::opted_out(&c),
         WorkloadEntry::enrolled(&b),
     ];

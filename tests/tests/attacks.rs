@@ -48,12 +48,10 @@ fn secs(n: u64) -> Duration {
 /// The workloads of the mesh, with `b` labelled `app: <b_app>`.
 fn entries(m: (&Pod, &Pod, &Pod, &Pod), b_app: &str) -> Vec<WorkloadEntry> {
     let (a, c, b, p) = m;
-    let mut a = WorkloadEntry::enrolled(a);
-    a.service_account = "frontend".into();
     let mut p = WorkloadEntry::enrolled(p);
     p.permissive = true;
     vec![
-        a,
+        WorkloadEntry::enrolled(a).with_service_account("frontend"),
         WorkloadEntry::opted_out(c),
         WorkloadEntry::enrolled(b).with_label("app", b_app),
         p,

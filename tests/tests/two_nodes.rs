@@ -28,13 +28,9 @@ struct Mesh2 {
 /// The workloads of [`mesh2`], with `a2` under service account `a2_sa`.
 fn entries(m: (&Pod, &Pod, &Pod, &Pod), a2_sa: &str) -> Vec<WorkloadEntry> {
     let (a, a2, c, b) = m;
-    let mut a_entry = WorkloadEntry::enrolled(a);
-    a_entry.service_account = "frontend".into();
-    let mut a2_entry = WorkloadEntry::enrolled(a2);
-    a2_entry.service_account = a2_sa.into();
     vec![
-        a_entry,
-        a2_entry,
+        WorkloadEntry::enrolled(a).with_service_account("frontend"),
+        WorkloadEntry::enrolled(a2).with_service_account(a2_sa),
         WorkloadEntry::opted_out(c),
         WorkloadEntry::enrolled(b),
     ]

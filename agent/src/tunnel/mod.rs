@@ -5,7 +5,7 @@
 //! stream (plain RFC 9113 §8.5 CONNECT: `:method` and `:authority` only, no
 //! `:scheme` or `:path`), with `:authority = DST_IP:PORT`. Many streams share
 //! one mTLS connection to the destination's inbound listener on port
-//! [`HBONE_PORT`] (15008), so a new application connection costs one HEADERS
+//! port 15008 (`ambit_common::TUNNEL_PORT`, as in Istio), so a new application connection costs one HEADERS
 //! round trip instead of a TCP and TLS handshake.
 //!
 //! This module only speaks HTTP/2 over an already established byte stream
@@ -50,10 +50,6 @@ pub use config::TunnelConfig;
 pub use pool::{PoolObserver, TunnelLease, TunnelPool};
 pub use server::{InboundRequest, serve};
 pub use stream::HboneStream;
-
-/// The inbound tunnel port, as in Istio, so Ambit and ztunnel nodes can
-/// reach each other.
-pub const HBONE_PORT: u16 = 15008;
 
 /// The ALPN protocol to set on both tunnel TLS configurations: HBONE is
 /// HTTP/2 only, with no HTTP/1.1 fallback.
