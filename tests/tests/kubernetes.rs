@@ -77,15 +77,6 @@ fn label(cp: &ControlPlane, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn vm_rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
-}
-
 /// The agent's credentials: the ServiceAccount of deploy/rbac-agent.yaml
 /// and a token for it (not an admin).
 fn agent_kubeconfig(cp: &ControlPlane) -> Result<PathBuf> {
@@ -231,7 +222,7 @@ fn namespace_and_pod_labels_enroll_pods_on_both_nodes_and_survive_an_api_outage(
         eprintln!(
             "{}: VmRSS {} KiB after the test",
             agent.name,
-            vm_rss_kib(agent.pid)?
+            ambit_testbed::procfs::rss_kib(agent.pid)?
         );
     }
     Ok(())
