@@ -1,15 +1,19 @@
-//! The chart's RBAC against a real API server: the chart's ServiceAccounts,
-//! Roles and bindings installed as shipped (tests/src/chart.rs), then
-//! `kubectl auth can-i` with real tokens of the agent's and the CA's service
-//! accounts. Each may do what its component needs (docs/operations.md,
-//! "Capabilities and API access") and nothing around it.
+//! The Helm chart (deploy/chart). Its RBAC against a real API server: the
+//! chart's ServiceAccounts, Roles and bindings installed as shipped
+//! (tests/src/chart.rs), then `kubectl auth can-i` with real tokens of the
+//! agent's and the CA's service accounts; each may do what its component
+//! needs (docs/operations.md, "API access") and nothing around it. And
+//! what `helm template` renders: the agent's and the CA's agreed command
+//! lines (the flags each component implements), and the agent pod's
+//! privileges.
 
 use ambit_testbed::{
     ControlPlane,
-    chart::{AGENT_SERVICE_ACCOUNT, CA_SERVICE_ACCOUNT},
+    chart::{AGENT_SERVICE_ACCOUNT, CA_SERVICE_ACCOUNT, RELEASE_NAMESPACE, render},
     control_plane::Kubectl,
 };
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
 
 /// `kubectl auth can-i` arguments: verb, resource[/name], scope.
 const AGENT_MAY: &[&str] = &[
@@ -183,5 +187,168 @@ fn the_cas_token_reviews_tokens_and_keeps_only_its_root_secret_and_bundle() -> R
         !denied.status.success() && String::from_utf8_lossy(&denied.stderr).contains("Forbidden"),
         "the CA's token read another secret: {denied:?}"
     );
+    Ok(())
+}
+
+/// The one object of `kind` named `name` in the default rendering.
+fn rendered(kind: &str, name: &str) -> Result<Value> {
+    render(RELEASE_NAMESPACE)?
+        .into_iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .with_context(|| format!("the chart renders no {kind} {name}"))
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// `expected` appears in `args` (in this order, other flags between).
+fn ensure_in_order(args: &[&str], expected: &[&str]) -> Result<()> {
+    let mut rest = args.iter();
+    for want in expected {
+        ensure!(
+            rest.any(|a| a == want),
+            "{want} missing or out of order in {args:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_agent_and_ca_command_lines_are_the_agreed_ones() -> Result<()> {
+    let agent = rendered("DaemonSet", "ambit-agent")?;
+    let spec = &agent["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    ensure_in_order(
+        &strings(&container["command"]),
+        &[
+            "/usr/local/bin/ambit",
+            "run",
+            "--kubernetes",
+            "--node-name=$(NODE_NAME)",
+            "--namespace=$(POD_NAMESPACE)",
+            "--ca-addr=ambit-ca.$(POD_NAMESPACE).svc:15012",
+            "--ca-token-file=/var/run/secrets/ambit/ca-token",
+            "--cni-socket=/var/run/ambit/cni.sock",
+            "--state-dir=/var/run/ambit",
+            "--admin-addr=0.0.0.0:15020",
+            "--audit-log=-",
+        ],
+    )?;
+    // NODE_NAME and POD_NAMESPACE from the downward API.
+    let env = container["env"].as_array().context("no env")?;
+    for (name, field) in [
+        ("NODE_NAME", "spec.nodeName"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        ensure!(
+            env.iter()
+                .any(|e| e["name"] == name && e["valueFrom"]["fieldRef"]["fieldPath"] == field),
+            "{name} is not {field} from the downward API: {env:?}"
+        );
+    }
+    // The CA token file: a projected token for audience ambit-ca.
+    let mount = container["volumeMounts"]
+        .as_array()
+        .and_then(|m| {
+            m.iter()
+                .find(|m| m["mountPath"] == "/var/run/secrets/ambit")
+        })
+        .context("nothing mounted at /var/run/secrets/ambit")?;
+    let volume = spec["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == mount["name"]))
+        .context("the CA token volume is missing")?;
+    ensure!(
+        volume["projected"]["sources"][0]["serviceAccountToken"]
+            == json!({"path": "ca-token", "audience": "ambit-ca", "expirationSeconds": 3600}),
+        "the CA token is not a projected ambit-ca token: {volume}"
+    );
+    // ambit-cni install, into the host's CNI dirs, pointing at the agent.
+    let install = spec["initContainers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "install-cni"))
+        .context("no install-cni init container")?;
+    ensure_in_order(
+        &strings(&install["command"]),
+        &[
+            "/usr/local/bin/ambit-cni",
+            "install",
+            "--agent-socket=/var/run/ambit/cni.sock",
+        ],
+    )?;
+
+    let ca = rendered("Deployment", "ambit-ca")?;
+    ensure!(ca["spec"]["replicas"] == 1, "the CA is not one replica");
+    ensure_in_order(
+        &strings(&ca["spec"]["template"]["spec"]["containers"][0]["command"]),
+        &[
+            "/usr/local/bin/ambit",
+            "ca",
+            "--kubernetes",
+            "--namespace=$(POD_NAMESPACE)",
+            "--listen=0.0.0.0:15012",
+            "--root-secret=ambit-ca-root",
+            "--bundle-configmap=ambit-trust-bundle",
+            "--token-audience=ambit-ca",
+            "--agent-service-account=ambit-agent",
+        ],
+    )?;
+    let service = rendered("Service", "ambit-ca")?;
+    ensure!(
+        service["spec"]["ports"][0]["port"] == 15012,
+        "the CA Service is not on 15012: {service}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_agent_runs_on_every_node_with_named_capabilities_instead_of_privileged() -> Result<()> {
+    let agent = rendered("DaemonSet", "ambit-agent")?;
+    let spec = &agent["spec"]["template"]["spec"];
+    let security = &spec["containers"][0]["securityContext"];
+    ensure!(
+        security["privileged"] != true,
+        "the agent is privileged: {security}"
+    );
+    ensure!(
+        strings(&security["capabilities"]["drop"]) == ["ALL"],
+        "the agent keeps the runtime's default capabilities: {security}"
+    );
+    let mut added = strings(&security["capabilities"]["add"]);
+    added.sort_unstable();
+    ensure!(
+        added == ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"],
+        "the agent's capabilities are {added:?}"
+    );
+    ensure!(spec["hostNetwork"] == true && spec["hostPID"] == true);
+    ensure!(spec["priorityClassName"] == "system-node-critical");
+    ensure!(
+        spec["tolerations"] == json!([{"operator": "Exists"}]),
+        "the agent does not tolerate every taint: {}",
+        spec["tolerations"]
+    );
+    ensure!(agent["spec"]["updateStrategy"]["type"] == "RollingUpdate");
+    // Privileged only where Kubernetes demands it for Bidirectional
+    // propagation: the bpffs mount, which runs and exits.
+    for init in spec["initContainers"]
+        .as_array()
+        .context("no init containers")?
+    {
+        let privileged = init["securityContext"]["privileged"] == true;
+        ensure!(
+            !privileged || init["name"] == "mount-bpffs",
+            "init container {} is privileged",
+            init["name"]
+        );
+    }
+    let bpffs = spec["containers"][0]["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["mountPath"] == "/sys/fs/bpf"))
+        .context("bpffs is not mounted into the agent")?;
+    ensure!(bpffs["mountPropagation"] == "HostToContainer", "{bpffs}");
     Ok(())
 }
