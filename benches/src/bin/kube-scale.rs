@@ -15,8 +15,8 @@ use std::{
 };
 
 use ambit_testbed::{
-    ControlPlane, Testbed, agent::Agent, control_plane::KubePod, kube_pods::kube_pod, procfs,
-    wait_until,
+    ControlPlane, Testbed, agent::Agent, chart, control_plane::KubePod, kube_pods::kube_pod,
+    procfs, wait_until,
 };
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
@@ -35,7 +35,9 @@ fn main() -> Result<()> {
     let remote: usize = args.next().map_or(Ok(1000), |a| a.parse())?;
     let cp = ControlPlane::start()?;
     let mut tb = Testbed::new(1)?;
-    let agent = tb.start_kubernetes_agent(0, &cp, &cp.kubeconfig)?;
+    // The agent reads the cluster as the chart's ServiceAccount, as deployed.
+    let kubeconfig = cp.chart_kubeconfig(chart::AGENT_SERVICE_ACCOUNT)?;
+    let agent = tb.start_kubernetes_agent(0, &cp, &kubeconfig)?;
     settle();
     let idle = usage(&agent)?;
 
