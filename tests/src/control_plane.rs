@@ -34,7 +34,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 pub use kubectl::{Kubectl, Watch, WatchEvent};
-pub use kubelet::KubePod;
+pub use kubelet::{KubePod, ServicePort};
 
 use crate::exec::host_cmd;
 

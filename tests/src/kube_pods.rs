@@ -10,9 +10,13 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
-use crate::{ControlPlane, KubePod, Pod, Testbed, exec::Host};
+use crate::{
+    ControlPlane, KubePod, Pod, Testbed,
+    control_plane::{Kubectl, SERVICE_ACCOUNT_ISSUER},
+    exec::Host,
+};
 
 /// Where a pod's sandbox process runs: the pod's netns, kubelet's cgroup.
 struct Sandbox {
@@ -48,6 +52,32 @@ pub fn kube_pod(pod: &Pod, tb: &Testbed, service_account: &str) -> KubePod {
     let mut kube = KubePod::for_pod(pod, tb.node(pod.node), service_account);
     kube.node_name = format!("node{}", pod.node);
     kube
+}
+
+/// The agent's credentials: the ServiceAccount of deploy/rbac-agent.yaml
+/// (in `ambit-system`, created if missing) and a token for it, not an
+/// admin's. Checks the least privilege: it reads pods, never secrets.
+pub fn agent_kubeconfig(cp: &ControlPlane) -> Result<PathBuf> {
+    if cp
+        .kubectl
+        .run(&["get", "namespace", "ambit-system"])
+        .is_err()
+    {
+        cp.kubectl.run(&["create", "namespace", "ambit-system"])?;
+    }
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac-agent.yaml");
+    cp.kubectl.run(&["apply", "-f", manifest])?;
+    let token = cp.request_token("ambit-system", "ambit-agent", SERVICE_ACCOUNT_ISSUER, None)?;
+    let kubeconfig = cp.write_kubeconfig("ambit-agent", &token)?;
+    let as_agent = Kubectl::new(&kubeconfig);
+    as_agent.run(&["get", "pods", "--all-namespaces"])?;
+    ensure!(
+        as_agent
+            .run(&["get", "secrets", "--all-namespaces"])
+            .is_err(),
+        "the agent's token can read secrets"
+    );
+    Ok(kubeconfig)
 }
 
 impl Testbed {
