@@ -20,10 +20,6 @@ use serde_json::Value;
 const HTTP: u16 = 9000;
 const MESH: &str = "ambit.dev/mesh";
 
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
 /// GETs `http://ip:port/index.txt?query` from `from`; the body (each
 /// server answers its own name) or `None` when the request failed.
 fn get(tb: &Testbed, from: &Pod, ip: IpAddr, port: u16, query: &str) -> Result<Option<String>> {
@@ -106,7 +102,7 @@ fn a_cluster_ip_is_sent_through_the_tunnel_to_its_ready_endpoints_in_turn() -> R
     let capture = tb.capture_link("link-web")?;
     let marker = "marker-web-7d1c";
     let mut first = None;
-    wait_until(secs(30), || {
+    wait_until(Duration::from_secs(30), || {
         first = get(&tb, &client, web, 80, marker)?;
         Ok(first.is_some())
     })
@@ -155,7 +151,7 @@ fn a_cluster_ip_is_sent_through_the_tunnel_to_its_ready_endpoints_in_turn() -> R
             "{record}"
         );
     }
-    wait_until(secs(10), || {
+    wait_until(Duration::from_secs(10), || {
         Ok(service_records(&agent0, web, "close").len() >= 10)
     })
     .context("no close record for every connection to the service")?;

@@ -292,6 +292,18 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn synced_only_once_every_part_is() {
+        let (pods, pods_rx) = watch::channel(false);
+        let (services, services_rx) = watch::channel(false);
+        let mut all = all_synced(vec![pods_rx, services_rx]);
+        services.send_replace(true);
+        tokio::task::yield_now().await;
+        assert!(!*all.borrow());
+        pods.send_replace(true);
+        all.wait_for(|synced| *synced).await.unwrap();
+    }
+
     #[test]
     fn endpoints_keep_ready_addresses_by_port_name() {
         let endpoints = Endpoints {
