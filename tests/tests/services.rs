@@ -4,12 +4,16 @@
 //! is captured before anything could translate it (nothing routes the
 //! service range here), so only the agent's resolution makes it arrive.
 
-use std::{collections::BTreeSet, net::IpAddr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use ambit_testbed::{
     ControlPlane, Pod, Testbed, WorkloadEntry,
     agent::Agent,
-    control_plane::ServicePort,
+    control_plane::{ServicePort, endpoints_object},
     kube_pods::{agent_kubeconfig, kube_pod},
     wait_until,
 };
@@ -25,6 +29,20 @@ const MESH: &str = "ambit.dev/mesh";
 fn get(tb: &Testbed, from: &Pod, ip: IpAddr, port: u16, query: &str) -> Result<Option<String>> {
     let (code, body) = tb.curl(from, &format!("http://{ip}:{port}/index.txt?{query}"))?;
     Ok((code == 0).then(|| body.trim().to_owned()))
+}
+
+/// `count` GETs of `ip:80` that must all be answered; the answers.
+fn get_all(tb: &Testbed, from: &Pod, ip: IpAddr, count: usize, tag: &str) -> Result<Vec<String>> {
+    (0..count)
+        .map(|n| {
+            get(tb, from, ip, 80, &format!("{tag}={n}"))?
+                .with_context(|| format!("request {tag}={n} to {ip}:80 failed"))
+        })
+        .collect()
+}
+
+fn servers(answers: &[String]) -> BTreeSet<&str> {
+    answers.iter().map(String::as_str).collect()
 }
 
 /// The audit records of `agent` about connections to the service at
@@ -114,18 +132,43 @@ fn a_cluster_ip_is_sent_through_the_tunnel_to_its_ready_endpoints_in_turn() -> R
 
     // Both ready endpoints answer in turn; the not-ready one never does.
     let mut answers = vec![first.unwrap_or_default()];
-    for n in 0..9 {
-        let answer = get(&tb, &client, web, 80, &format!("n={n}"))?;
-        answers.push(answer.context("a request to the ClusterIP failed")?);
-    }
-    let servers: BTreeSet<&str> = answers.iter().map(String::as_str).collect();
+    answers.extend(get_all(&tb, &client, web, 9, "n")?);
     ensure!(
-        servers == BTreeSet::from(["s1", "s2"]),
+        servers(&answers) == BTreeSet::from(["s1", "s2"]),
         "answered by {answers:?}"
     );
     ensure!(
         !tb.stderr_of("http-s3").contains("GET"),
         "the not-ready endpoint got a request"
+    );
+
+    // The endpoints controller's next word applies to new connections:
+    // s2 is no longer ready, s3 now is.
+    let changed = Instant::now();
+    cp.replace(&endpoints_object(
+        &ns,
+        "web",
+        &[ip(&ready[0]), ip(&not_ready)],
+        &[ip(&ready[1])],
+        &[("http", HTTP), ("metrics", 9001)],
+    ))?;
+    wait_until(Duration::from_secs(30), || {
+        Ok(get(&tb, &client, web, 80, "switch")?.as_deref() == Some("s3"))
+    })
+    .context("the endpoint that became ready never answered")?;
+    eprintln!(
+        "Endpoints replaced to the new endpoint answering: {:?}",
+        changed.elapsed()
+    );
+    let served_by_s2 = tb.stderr_of("http-s2").matches("GET").count();
+    let answers = get_all(&tb, &client, web, 6, "after")?;
+    ensure!(
+        servers(&answers) == BTreeSet::from(["s1", "s3"]),
+        "answered by {answers:?} after the change"
+    );
+    ensure!(
+        tb.stderr_of("http-s2").matches("GET").count() == served_by_s2,
+        "the endpoint no longer ready got a request"
     );
 
     // The client's agent records the service dialled next to the endpoint
@@ -145,7 +188,7 @@ fn a_cluster_ip_is_sent_through_the_tunnel_to_its_ready_endpoints_in_turn() -> R
                 && record["service"]["name"] == format!("{ns}/web")
                 && record["service"]["port"] == 80
                 && record["source"]["spiffe_id"] == spiffe("client")
-                && ["s1", "s2"].contains(&sa)
+                && ["s1", "s2", "s3"].contains(&sa)
                 && destination["spiffe_id"] == spiffe(sa)
                 && destination["port"] == HTTP,
             "{record}"

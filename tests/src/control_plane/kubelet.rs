@@ -195,28 +195,7 @@ impl ControlPlane {
         not_ready: &[IpAddr],
         ports: &[(&str, u16)],
     ) -> Result<Value> {
-        let addresses =
-            |ips: &[IpAddr]| -> Vec<Value> { ips.iter().map(|ip| json!({"ip": ip})).collect() };
-        let ports: Vec<Value> = ports
-            .iter()
-            .map(|(name, port)| json!({"name": name, "protocol": "TCP", "port": port}))
-            .collect();
-        // A subset needs an address of either kind.
-        let subsets = if ready.is_empty() && not_ready.is_empty() {
-            json!([])
-        } else {
-            json!([{
-                "addresses": addresses(ready),
-                "notReadyAddresses": addresses(not_ready),
-                "ports": ports,
-            }])
-        };
-        self.create(&json!({
-            "apiVersion": "v1",
-            "kind": "Endpoints",
-            "metadata": {"name": name, "namespace": namespace},
-            "subsets": subsets,
-        }))
+        self.create(&endpoints_object(namespace, name, ready, not_ready, ports))
     }
 
     /// A TokenRequest for a service account, bound to a pod when given
@@ -257,6 +236,39 @@ impl ControlPlane {
         }))?;
         Ok(answer["status"].clone())
     }
+}
+
+/// An Endpoints object (see [`ControlPlane::create_endpoints`]); with
+/// [`ControlPlane::replace`], the endpoints controller's next word.
+pub fn endpoints_object(
+    namespace: &str,
+    name: &str,
+    ready: &[IpAddr],
+    not_ready: &[IpAddr],
+    ports: &[(&str, u16)],
+) -> Value {
+    let addresses =
+        |ips: &[IpAddr]| -> Vec<Value> { ips.iter().map(|ip| json!({"ip": ip})).collect() };
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(name, port)| json!({"name": name, "protocol": "TCP", "port": port}))
+        .collect();
+    // A subset needs an address of either kind.
+    let subsets = if ready.is_empty() && not_ready.is_empty() {
+        json!([])
+    } else {
+        json!([{
+            "addresses": addresses(ready),
+            "notReadyAddresses": addresses(not_ready),
+            "ports": ports,
+        }])
+    };
+    json!({
+        "apiVersion": "v1",
+        "kind": "Endpoints",
+        "metadata": {"name": name, "namespace": namespace},
+        "subsets": subsets,
+    })
 }
 
 fn uid_of(object: &Value) -> Result<String> {
