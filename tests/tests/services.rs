@@ -195,7 +195,11 @@ fn a_cluster_ip_is_sent_through_the_tunnel_to_its_ready_endpoints_in_turn() -> R
         );
     }
     wait_until(Duration::from_secs(10), || {
-        Ok(service_records(&agent0, web, "close").len() >= 10)
+        Ok(service_records(&agent0, web, "close")
+            .iter()
+            .filter(|r| r["reason"] == "closed" && r["bytes_received"].as_u64() > Some(0))
+            .count()
+            >= 10)
     })
     .context("no close record for every connection to the service")?;
     let inbound = agent1

@@ -115,13 +115,26 @@ async fn serve_connection(downstream: TcpStream, client: SocketAddr, ctx: &Outbo
         None => passthrough(downstream, target, ctx).await,
     };
     let peer = destination.as_deref();
-    if let Ended::Relayed { stats, result, .. } = &ended {
+    if let Ended::Relayed { stats, result } = &ended {
         log_closed(ctx, orig_dst, target, peer, stats, result);
     }
     if let Some(audit) = service_audit {
         match &ended {
-            Ended::Relayed { stats, .. } => audit.closed(target, peer, stats, None),
-            Ended::Failed(why) => audit.closed(target, peer, &RelayStats::default(), Some(why)),
+            Ended::Relayed { stats, result } => {
+                let reason = match result {
+                    Ok(()) => "closed".to_owned(),
+                    Err(e) => format!("closed: {e}"),
+                };
+                audit.closed(target, peer, stats, &reason);
+            }
+            Ended::Failed(why) => {
+                audit.closed(
+                    target,
+                    peer,
+                    &RelayStats::default(),
+                    &format!("failed: {why}"),
+                );
+            }
         }
     }
 }

@@ -178,17 +178,16 @@ impl ServiceAudit {
         self.log.record(record);
     }
 
-    /// The connection ended; `failure` says why if it never reached the
-    /// endpoint.
+    /// The connection ended: relayed until `closed` (or an error), or
+    /// `failed: ...` before it reached the endpoint.
     pub fn closed(
         &self,
         target: SocketAddr,
         peer: Option<&Destination>,
         stats: &RelayStats,
-        failure: Option<&str>,
+        reason: &str,
     ) {
-        let reason = failure.map_or_else(|| "closed".to_owned(), |why| format!("failed: {why}"));
-        let mut record = self.record(Event::Close, audit::Decision::Allow, target, peer, &reason);
+        let mut record = self.record(Event::Close, audit::Decision::Allow, target, peer, reason);
         record.bytes_sent = Some(stats.sent);
         record.bytes_received = Some(stats.received);
         record.duration_ms = Some(u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX));
