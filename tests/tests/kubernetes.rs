@@ -5,11 +5,13 @@
 //! `ambit ca` issuing SVIDs from its directory file. Enrollment follows
 //! labels set with kubectl, verified on the wire between the nodes.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use ambit_testbed::{
-    ControlPlane, Pod, Testbed, WorkloadEntry, agent::Agent, chart::AGENT_SERVICE_ACCOUNT,
-    kube_pods::kube_pod, wait_until,
+    ControlPlane, Pod, Testbed, WorkloadEntry,
+    agent::Agent,
+    kube_pods::{agent_kubeconfig, kube_pod},
+    wait_until,
 };
 use anyhow::{Context, Result, ensure};
 
@@ -75,22 +77,6 @@ fn label(cp: &ControlPlane, args: &[&str]) -> Result<()> {
     all.extend_from_slice(args);
     cp.kubectl.run(&all)?;
     Ok(())
-}
-
-/// The agent's credentials: the Helm chart's ServiceAccount and RBAC
-/// (tests/src/chart.rs) and a token for it (not an admin).
-fn agent_kubeconfig(cp: &ControlPlane) -> Result<PathBuf> {
-    let kubeconfig = cp.chart_kubeconfig(AGENT_SERVICE_ACCOUNT)?;
-    // Least privilege: it may read pods, never secrets.
-    let as_agent = ambit_testbed::control_plane::Kubectl::new(&kubeconfig);
-    as_agent.run(&["get", "pods", "--all-namespaces"])?;
-    ensure!(
-        as_agent
-            .run(&["get", "secrets", "--all-namespaces"])
-            .is_err(),
-        "the agent's token can read secrets"
-    );
-    Ok(kubeconfig)
 }
 
 #[test]

@@ -14,6 +14,7 @@ mod guard;
 mod handshake;
 mod kubernetes;
 mod rejection;
+mod service_outcome;
 #[cfg(test)]
 pub(crate) mod test_support;
 #[cfg(test)]
@@ -30,6 +31,7 @@ pub use guard::ActiveConnection;
 pub use handshake::HandshakeFailure;
 pub use kubernetes::{KubernetesMetrics, WatchMetrics};
 pub use rejection::Rejection;
+pub use service_outcome::ServiceOutcome;
 pub use tunnel::TunnelMetrics;
 
 use crate::audit::{Decision, Direction};
@@ -54,6 +56,8 @@ pub struct Metrics {
     handshake_failures: [IntCounter; 6],
     /// In [`Rejection::ALL`] order.
     connections_rejected: [IntCounter; 4],
+    /// In [`ServiceOutcome::ALL`] order.
+    service_connections: [IntCounter; 4],
     svid_expiry: IntGaugeVec,
     /// SPIFFE IDs currently in `svid_expiry`, to remove the ones that leave.
     svid_ids: Mutex<HashSet<String>>,
@@ -106,7 +110,15 @@ impl Metrics {
             "Connections closed at accept because an admission limit was reached, by limit.",
             &["reason"],
         );
+        let services = counter_vec(
+            &registry,
+            "ambit_service_connections_total",
+            "Captured connections to a Service ClusterIP, by outcome (sent to an endpoint, or refused and why).",
+            &["outcome"],
+        );
         Metrics {
+            service_connections: ServiceOutcome::ALL
+                .map(|outcome| services.with_label_values(&[outcome.as_str()])),
             connections_rejected: Rejection::ALL
                 .map(|reason| rejected.with_label_values(&[reason.as_str()])),
             opened: Direction::ALL.map(|dir| {
@@ -205,6 +217,10 @@ impl Metrics {
 
     pub fn connection_rejected(&self, reason: Rejection) {
         self.connections_rejected[reason as usize].inc();
+    }
+
+    pub fn service_connection(&self, outcome: ServiceOutcome) {
+        self.service_connections[outcome as usize].inc();
     }
 
     /// Replaces the SVID expiry series with `svids` (SPIFFE ID, `not_after`

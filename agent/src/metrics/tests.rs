@@ -16,6 +16,7 @@ fn every_metric_is_registered_with_the_ambit_prefix() {
         "ambit_policy_decision_cache_misses_total",
         "ambit_audit_records_dropped_total",
         "ambit_audit_records_suppressed_total",
+        "ambit_service_connections_total",
     ] {
         assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
     }
@@ -58,6 +59,9 @@ fn enum_discriminants_index_the_label_arrays() {
     }
     for (i, reason) in Rejection::ALL.into_iter().enumerate() {
         assert_eq!(reason as usize, i);
+    }
+    for (i, outcome) in ServiceOutcome::ALL.into_iter().enumerate() {
+        assert_eq!(outcome as usize, i);
     }
 }
 

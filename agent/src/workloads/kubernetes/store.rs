@@ -153,6 +153,10 @@ impl<T: PartialEq> Reduced<T> {
         self.live.iter()
     }
 
+    pub fn get(&self, key: &ObjectKey) -> Option<&T> {
+        self.live.get(key)
+    }
+
     pub fn len(&self) -> usize {
         self.live.len()
     }
