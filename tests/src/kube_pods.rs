@@ -10,9 +10,52 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
-use crate::{ControlPlane, KubePod, Pod, Testbed, exec::Host};
+use crate::{
+    ControlPlane, KubePod, Pod, Testbed, control_plane::SERVICE_ACCOUNT_ISSUER, exec::Host,
+};
+
+/// The chart's AuthorizationPolicy CRD.
+pub const POLICY_CRD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/chart/crds/authorizationpolicies.ambit.dev.yaml"
+);
+
+/// Installs what the agent needs in `cp` (namespace ambit-system, the
+/// AuthorizationPolicy CRD, deploy/rbac-agent.yaml) and returns a
+/// kubeconfig with a token of the agent's ServiceAccount (not an admin).
+/// Repeatable on one control plane.
+pub fn agent_kubeconfig(cp: &ControlPlane) -> Result<PathBuf> {
+    if cp
+        .kubectl
+        .run(&["get", "namespace", "ambit-system"])
+        .is_err()
+    {
+        cp.kubectl.run(&["create", "namespace", "ambit-system"])?;
+    }
+    cp.kubectl.run(&["apply", "-f", POLICY_CRD])?;
+    cp.kubectl.run(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd/authorizationpolicies.ambit.dev",
+    ])?;
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac-agent.yaml");
+    cp.kubectl.run(&["apply", "-f", manifest])?;
+    let token = cp.request_token("ambit-system", "ambit-agent", SERVICE_ACCOUNT_ISSUER, None)?;
+    let kubeconfig = cp.write_kubeconfig("ambit-agent", &token)?;
+    // Least privilege: it may read pods, never secrets.
+    let as_agent = crate::control_plane::Kubectl::new(&kubeconfig);
+    as_agent.run(&["get", "pods", "--all-namespaces"])?;
+    ensure!(
+        as_agent
+            .run(&["get", "secrets", "--all-namespaces"])
+            .is_err(),
+        "the agent's token can read secrets"
+    );
+    Ok(kubeconfig)
+}
 
 /// Where a pod's sandbox process runs: the pod's netns, kubelet's cgroup.
 struct Sandbox {
@@ -126,19 +169,29 @@ impl Testbed {
         cp: &ControlPlane,
         kubeconfig: &Path,
     ) -> Result<crate::Agent> {
+        self.start_kubernetes_agent_with(node, cp, kubeconfig, &[])
+    }
+
+    /// [`Testbed::start_kubernetes_agent`] with more `ambit run` arguments.
+    pub fn start_kubernetes_agent_with(
+        &self,
+        node: usize,
+        cp: &ControlPlane,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Result<crate::Agent> {
         self.bridge_api_server(node, cp)?;
         let kubeconfig = kubeconfig.display().to_string();
         let node_name = format!("node{node}");
-        self.start_agent_with(
-            node,
-            &[
-                "--kubernetes",
-                "--kubeconfig",
-                &kubeconfig,
-                "--node-name",
-                &node_name,
-            ],
-        )
+        let mut args = vec![
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            &node_name,
+        ];
+        args.extend_from_slice(extra);
+        self.start_agent_with(node, &args)
     }
 
     /// Spawns a Kubernetes agent on `node` (embedded CA, log
