@@ -286,10 +286,47 @@ fn authorization_policy_objects_decide_connections_and_an_invalid_one_keeps_the_
         table.contains("ACCEPTED") && table.contains("False") && table.contains("Invalid"),
         "{table}"
     );
+    // And a Warning Event for `kubectl describe`.
+    wait_until(DEADLINE, || {
+        let events = s.cp.kubectl.json(&[
+            "get",
+            "events",
+            "-n",
+            &s.ns,
+            "--field-selector",
+            "involvedObject.name=allow-client",
+            "-o",
+            "json",
+        ])?;
+        Ok(events["items"].as_array().into_iter().flatten().any(|e| {
+            e["type"] == "Warning"
+                && e["reason"] == "Invalid"
+                && e["involvedObject"]["kind"] == "AuthorizationPolicy"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("spec.rules[0].to[0].ports[0]"))
+        }))
+    })
+    .context("no Warning Event for the invalid version")?;
+    let version = |s: &Scene| -> Result<Value> {
+        let object = s.cp.kubectl.json(&[
+            "get",
+            "authorizationpolicy",
+            "allow-client",
+            "-n",
+            &s.ns,
+            "-o",
+            "json",
+        ])?;
+        Ok(object["metadata"]["resourceVersion"].clone())
+    };
+    let settled = version(&s)?;
     for _ in 0..5 {
         ensure!(s.get(&s.c)?, "the last good version stopped allowing c");
         ensure!(!s.get(&s.a)?, "the invalid version allowed a");
     }
+    // Both agents agree on the condition: neither rewrites it.
+    ensure!(version(&s)? == settled, "the status keeps being rewritten");
     let explained = s.explain(&s.id("c"))?;
     ensure!(
         explained.contains(&format!("invalid:    {}/allow-client", s.ns)),

@@ -20,6 +20,8 @@ pub type ObjectKey = (String, String);
 pub struct Stored {
     /// `metadata.generation` of the current version.
     pub generation: Option<i64>,
+    /// `metadata.uid`, for Events about the object.
+    pub uid: Option<String>,
     /// The last valid version; kept while the current one is invalid.
     pub serving: Option<Policy>,
     /// Why the current version is refused.
@@ -118,6 +120,7 @@ impl Objects {
             }
         }
         stored.generation = generation;
+        stored.uid.clone_from(&object.metadata.uid);
         key
     }
 }

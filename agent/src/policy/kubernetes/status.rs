@@ -6,15 +6,23 @@
 //! (comparing everything but `lastTransitionTime`), and keeps the object's
 //! transition time when the status itself does not change. The first agent
 //! to write wins; the others then see an equal condition and stay quiet.
+//! The agent whose write lands also records a Warning Event for a refused
+//! version, for `kubectl describe` (agents racing for the same write may
+//! each record one).
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, PoisonError},
 };
 
+use k8s_openapi::{
+    api::core::v1::{Event, EventSource, ObjectReference},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client,
-    api::{DynamicObject, Patch, PatchParams},
+    api::{DynamicObject, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
 
@@ -159,6 +167,8 @@ impl StatusWriter {
             sent.insert(key.clone(), condition.clone());
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.client.clone(), &key.0, &resource());
+            let events: Api<Event> = Api::namespaced(self.client.clone(), &key.0);
+            let uid = objects.get(&key).and_then(|s| s.uid.clone());
             let sent = Arc::clone(&self.sent);
             tokio::spawn(async move {
                 let patch = json!({ "status": { "conditions": [condition.to_json()] } });
@@ -167,7 +177,14 @@ impl StatusWriter {
                     .await
                 {
                     Ok(_) => {
-                        tracing::debug!(policy = %id(&key), "AuthorizationPolicy status written")
+                        tracing::debug!(policy = %id(&key), "AuthorizationPolicy status written");
+                        if condition.status == "False" {
+                            let event = warning(&key, uid, &condition);
+                            if let Err(e) = events.create(&PostParams::default(), &event).await {
+                                tracing::warn!(policy = %id(&key), error = %e,
+                                    "cannot record an Event for the AuthorizationPolicy");
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(policy = %id(&key), error = %e,
@@ -182,6 +199,41 @@ impl StatusWriter {
         }
     }
 }
+
+/// A Warning Event about a refused version of the object `key`.
+fn warning(key: &ObjectKey, uid: Option<String>, condition: &Condition) -> Event {
+    let now = Time(Timestamp::now());
+    Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}.", key.1)),
+            namespace: Some(key.0.clone()),
+            ..ObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some(crate::policy::API_VERSION.into()),
+            kind: Some(crate::policy::KIND.into()),
+            namespace: Some(key.0.clone()),
+            name: Some(key.1.clone()),
+            uid,
+            ..ObjectReference::default()
+        },
+        type_: Some("Warning".into()),
+        reason: Some(condition.reason.clone()),
+        message: Some(condition.message.clone()),
+        source: Some(EventSource {
+            component: Some(REPORTER.into()),
+            host: None,
+        }),
+        reporting_component: Some(REPORTER.into()),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        count: Some(1),
+        ..Event::default()
+    }
+}
+
+/// Who records the Events.
+const REPORTER: &str = "ambit-agent";
 
 /// Now, as Kubernetes writes times (RFC 3339, seconds, UTC).
 fn now_rfc3339() -> String {
