@@ -333,11 +333,43 @@ fn authorization_policy_objects_decide_connections_and_an_invalid_one_keeps_the_
         "{explained}"
     );
 
+    // A long-lived connection the last good version allows...
+    let accepted = s.agent1.records("inbound connection accepted").len();
+    let _long = s.tb.spawn(
+        &s.c,
+        "long-connection",
+        &[
+            "sh",
+            "-c",
+            &format!("sleep 60 | socat - TCP:{}:{HTTP}", s.server.ipv4),
+        ],
+    )?;
+    wait_until(DEADLINE, || {
+        Ok(s.agent1.records("inbound connection accepted").len() > accepted)
+    })?;
+
     // Deleted: back to the mesh default.
     s.cp.kubectl
         .run(&["delete", "authorizationpolicy", "allow-client", "-n", &s.ns])?;
     let deleted = Instant::now();
     let took = s.wait_decision(&s.c, false, deleted)?;
     eprintln!("delete to denied: {took:?}");
+    // ...is closed by the deletion, as by a policy file change.
+    wait_until(DEADLINE, || {
+        Ok(s.agent1
+            .records("inbound connection closed")
+            .iter()
+            .any(|r| {
+                r["reason"]
+                    .as_str()
+                    .is_some_and(|x| x.contains("policy no longer allows"))
+            }))
+    })
+    .with_context(|| {
+        format!(
+            "the running connection stayed open:\n{}",
+            s.agent1.raw_log()
+        )
+    })?;
     Ok(())
 }
