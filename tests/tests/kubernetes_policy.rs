@@ -333,6 +333,27 @@ fn authorization_policy_objects_decide_connections_and_an_invalid_one_keeps_the_
         "{explained}"
     );
 
+    // A typo is kept by the API server (not pruned into a policy allowing
+    // `a` on every port) and refused by the agents.
+    let typo = format!(
+        "{{selector: {{matchLabels: {{app: server}}}}, rules: \
+         [{{from: [{{principals: [\"{}\"]}}], too: [{{ports: [{HTTP}]}}]}}]}}",
+        s.id("a")
+    );
+    s.apply("allow-client", &typo)?;
+    wait_until(DEADLINE, || {
+        let (condition, generation) = s.accepted("allow-client")?;
+        Ok(condition.is_some_and(|c| {
+            c["observedGeneration"].as_i64() == Some(generation)
+                && c["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("unknown field `too`"))
+        }))
+    })
+    .context("the typo was not reported")?;
+    ensure!(!s.get(&s.a)?, "the typo allowed a");
+    ensure!(s.get(&s.c)?, "the last good version stopped allowing c");
+
     // A long-lived connection the last good version allows...
     let accepted = s.agent1.records("inbound connection accepted").len();
     let _long = s.tb.spawn(
