@@ -12,39 +12,12 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 
-use crate::{
-    ControlPlane, KubePod, Pod, Testbed, control_plane::SERVICE_ACCOUNT_ISSUER, exec::Host,
-};
+use crate::{ControlPlane, KubePod, Pod, Testbed, chart::AGENT_SERVICE_ACCOUNT, exec::Host};
 
-/// The chart's AuthorizationPolicy CRD.
-pub const POLICY_CRD: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../deploy/chart/crds/authorizationpolicies.ambit.dev.yaml"
-);
-
-/// Installs what the agent needs in `cp` (namespace ambit-system, the
-/// AuthorizationPolicy CRD, deploy/rbac-agent.yaml) and returns a
-/// kubeconfig with a token of the agent's ServiceAccount (not an admin).
-/// Repeatable on one control plane.
+/// The agent's credentials: the Helm chart's ServiceAccount, RBAC and
+/// CRDs (tests/src/chart.rs) and a token for it (not an admin).
 pub fn agent_kubeconfig(cp: &ControlPlane) -> Result<PathBuf> {
-    if cp
-        .kubectl
-        .run(&["get", "namespace", "ambit-system"])
-        .is_err()
-    {
-        cp.kubectl.run(&["create", "namespace", "ambit-system"])?;
-    }
-    cp.kubectl.run(&["apply", "-f", POLICY_CRD])?;
-    cp.kubectl.run(&[
-        "wait",
-        "--for=condition=established",
-        "--timeout=60s",
-        "crd/authorizationpolicies.ambit.dev",
-    ])?;
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac-agent.yaml");
-    cp.kubectl.run(&["apply", "-f", manifest])?;
-    let token = cp.request_token("ambit-system", "ambit-agent", SERVICE_ACCOUNT_ISSUER, None)?;
-    let kubeconfig = cp.write_kubeconfig("ambit-agent", &token)?;
+    let kubeconfig = cp.chart_kubeconfig(AGENT_SERVICE_ACCOUNT)?;
     // Least privilege: it may read pods, never secrets.
     let as_agent = crate::control_plane::Kubectl::new(&kubeconfig);
     as_agent.run(&["get", "pods", "--all-namespaces"])?;

@@ -1,7 +1,7 @@
 //! The agent's Kubernetes workload source end to end: a real API server
 //! (tests/src/control_plane.rs), two simulated nodes whose pods the testbed
 //! runs as kubelet would (tests/src/kube_pods.rs), agents started with a
-//! least-privilege service-account token (deploy/rbac-agent.yaml), and
+//! least-privilege service-account token (the Helm chart's RBAC), and
 //! `ambit ca` issuing SVIDs from its directory file. Enrollment follows
 //! labels set with kubectl, verified on the wire between the nodes.
 
@@ -77,15 +77,6 @@ fn label(cp: &ControlPlane, args: &[&str]) -> Result<()> {
     all.extend_from_slice(args);
     cp.kubectl.run(&all)?;
     Ok(())
-}
-
-fn vm_rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
 }
 
 #[test]
@@ -213,7 +204,7 @@ fn namespace_and_pod_labels_enroll_pods_on_both_nodes_and_survive_an_api_outage(
         eprintln!(
             "{}: VmRSS {} KiB after the test",
             agent.name,
-            vm_rss_kib(agent.pid)?
+            ambit_testbed::procfs::rss_kib(agent.pid)?
         );
     }
     Ok(())
