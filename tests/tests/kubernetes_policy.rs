@@ -3,7 +3,8 @@
 //! default deny), a client pod on node 0 and a server pod on node 1.
 //! Creating, changing and deleting an object changes real decisions; an
 //! invalid object is reported in its status and the last good version keeps
-//! deciding; `ambit policy explain --kubeconfig` answers from the cluster.
+//! deciding, also through an API server outage; `ambit policy explain
+//! --kubeconfig` answers from the cluster.
 
 use std::{
     process::Command,
@@ -76,6 +77,16 @@ impl Scene {
     /// agent decides and audits it; returns how long after `since` the
     /// expected decision was first seen.
     fn wait_decision(&self, from: &Pod, allowed: bool, since: Instant) -> Result<Duration> {
+        self.wait_decision_within(from, allowed, since, DEADLINE)
+    }
+
+    fn wait_decision_within(
+        &self,
+        from: &Pod,
+        allowed: bool,
+        since: Instant,
+        timeout: Duration,
+    ) -> Result<Duration> {
         let source = self.id(&from.name);
         let decision = if allowed { "allow" } else { "deny" };
         let audited = || {
@@ -90,7 +101,7 @@ impl Scene {
         let before = audited();
         // A denial counts once the server's agent audited a new one: refused
         // by the policy, not by a pod still starting.
-        wait_until(DEADLINE, || {
+        wait_until(timeout, || {
             Ok(self.get(from)? == allowed && audited() > before)
         })
         .with_context(|| format!("{source} never got {decision}:\n{}", self.agent1.raw_log()))?;
@@ -354,6 +365,16 @@ fn authorization_policy_objects_decide_connections_and_an_invalid_one_keeps_the_
     ensure!(!s.get(&s.a)?, "the typo allowed a");
     ensure!(s.get(&s.c)?, "the last good version stopped allowing c");
 
+    // The API server stopped for 30 s: the policies keep applying.
+    s.cp.stop_api_server()?;
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(30) {
+        ensure!(s.get(&s.c)?, "c lost its access during the outage");
+        ensure!(!s.get(&s.a)?, "a got access during the outage");
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    s.cp.start_api_server()?;
+
     // A long-lived connection the last good version allows...
     let accepted = s.agent1.records("inbound connection accepted").len();
     let _long = s.tb.spawn(
@@ -373,8 +394,9 @@ fn authorization_policy_objects_decide_connections_and_an_invalid_one_keeps_the_
     s.cp.kubectl
         .run(&["delete", "authorizationpolicy", "allow-client", "-n", &s.ns])?;
     let deleted = Instant::now();
-    let took = s.wait_decision(&s.c, false, deleted)?;
-    eprintln!("delete to denied: {took:?}");
+    // The watches resume within about 20 s of the restart (backoff).
+    let took = s.wait_decision_within(&s.c, false, deleted, Duration::from_secs(90))?;
+    eprintln!("delete (just after the API server restarted) to denied: {took:?}");
     // ...is closed by the deletion, as by a policy file change.
     wait_until(DEADLINE, || {
         Ok(s.agent1
