@@ -138,25 +138,58 @@ fn pod_addresses(netns: &Netns, workload: &Workload) -> Result<Vec<IpAddr>> {
     Ok(addresses)
 }
 
-/// The configured workload source, started.
-async fn workload_feed(config: &RunConfig, metrics: &Metrics) -> Result<WorkloadFeed> {
-    Ok(match &config.workloads {
-        WorkloadSource::File(path) => WorkloadFeed {
-            workloads: workloads::file::watch(path, config.reload_interval)?,
-            synced: watch::channel(true).1,
-            services: watch::channel(Arc::default()).1,
-        },
-        WorkloadSource::Kubernetes(kubernetes) => {
-            let watch_metrics = KubernetesMetrics::register(metrics.registry())
-                .context("registering the Kubernetes metrics")?;
+/// The configured workload source, started; `watch_metrics` are given
+/// for the Kubernetes source.
+async fn workload_feed(
+    config: &RunConfig,
+    watch_metrics: Option<&KubernetesMetrics>,
+) -> Result<WorkloadFeed> {
+    Ok(match (&config.workloads, watch_metrics) {
+        (WorkloadSource::Kubernetes(kubernetes), Some(watch_metrics)) => {
             workloads::kubernetes::watch(
                 kubernetes,
-                &watch_metrics,
+                watch_metrics,
                 Arc::new(ProcNetnsLocator::default()),
             )
             .await?
         }
+        (WorkloadSource::Kubernetes(_), None) => {
+            anyhow::bail!("the Kubernetes workload source needs its metrics")
+        }
+        (WorkloadSource::File(path), _) => WorkloadFeed {
+            workloads: workloads::file::watch(path, config.reload_interval)?,
+            synced: watch::channel(true).1,
+            services: watch::channel(Arc::default()).1,
+        },
     })
+}
+
+/// With the Kubernetes source, AuthorizationPolicy objects of the cluster
+/// join the policy files' set (policy::kubernetes); otherwise `files` is
+/// the set.
+async fn cluster_policies(
+    config: &RunConfig,
+    files: watch::Receiver<Arc<PolicySet>>,
+    watch_metrics: Option<&KubernetesMetrics>,
+    rejections: &policy::Rejections,
+) -> Result<watch::Receiver<Arc<PolicySet>>> {
+    let (WorkloadSource::Kubernetes(kubernetes), Some(watch_metrics)) =
+        (&config.workloads, watch_metrics)
+    else {
+        return Ok(files);
+    };
+    let client = workloads::kubernetes::client_for(kubernetes.kubeconfig.as_deref()).await?;
+    let health = workloads::kubernetes::Health::new(
+        "authorizationpolicies",
+        watch_metrics.watch("authorizationpolicies"),
+    );
+    Ok(policy::kubernetes::watch(
+        client,
+        config.policy.dir.is_some().then_some(files),
+        config.policy.settings.clone(),
+        health,
+        rejections.clone(),
+    ))
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -165,11 +198,18 @@ pub async fn run(config: RunConfig) -> Result<()> {
     // bad workloads file or identity setup, all before the kernel is touched.
     crate::preflight::check_capabilities()?;
     let metrics = Arc::new(Metrics::new());
+    let watch_metrics = match &config.workloads {
+        WorkloadSource::Kubernetes(_) => Some(
+            KubernetesMetrics::register(metrics.registry())
+                .context("registering the Kubernetes metrics")?,
+        ),
+        WorkloadSource::File(_) => None,
+    };
     let WorkloadFeed {
         mut workloads,
         mut synced,
         services,
-    } = workload_feed(&config, &metrics).await?;
+    } = workload_feed(&config, watch_metrics.as_ref()).await?;
     // Before the first sync of Kubernetes this has only the node name.
     let initial = workloads.borrow_and_update().clone();
     let trust_domain = TrustDomain::new(&config.trust_domain)
@@ -214,6 +254,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             (rx, policy::Rejections::default(), Some(tx))
         }
     };
+    let policies = cluster_policies(&config, policies, watch_metrics.as_ref(), &rejections).await?;
     let engine = Arc::new(Engine::new(Arc::clone(&policies.borrow())));
     engine.follow(policies.clone());
     let audit = Arc::new(match &config.audit_log {

@@ -508,13 +508,26 @@ struct PolicyExplainArgs {
     /// The destination workload and port.
     #[arg(long, value_name = "NAMESPACE/WORKLOAD:PORT")]
     to: ambit::policy::ConnectionTarget,
-    /// Policy file or directory (repeatable).
-    #[arg(long, required = true, value_name = "DIR_OR_FILE")]
+    /// Policy file or directory (repeatable); with --kubeconfig, served
+    /// next to the cluster's AuthorizationPolicies.
+    #[arg(
+        long,
+        required_unless_present = "kubeconfig",
+        value_name = "DIR_OR_FILE"
+    )]
     policies: Vec<PathBuf>,
     /// Workloads file (the `run --workloads` format) with the destination's
     /// labels.
-    #[arg(long)]
-    workloads: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "kubeconfig",
+        conflicts_with = "kubeconfig"
+    )]
+    workloads: Option<PathBuf>,
+    /// Ask the cluster instead: its AuthorizationPolicies, and the labels of
+    /// the destination Pod (WORKLOAD is the pod's name).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
     /// Decision when no policy decides.
     #[arg(long, value_name = "deny|allow", default_value = "deny")]
     default: ambit::policy::DefaultAction,
@@ -564,7 +577,14 @@ fn policy_explain(args: PolicyExplainArgs) -> anyhow::Result<String> {
     };
     let set = ambit::policy::load_paths(&args.policies, settings)
         .map_err(|errors| anyhow::anyhow!("invalid policies:\n{errors}"))?;
-    let workloads = ambit::workloads::file::load(&args.workloads)?;
+    let Some(workloads_file) = args.workloads else {
+        let kubeconfig = args.kubeconfig.as_deref();
+        return tokio::runtime::Runtime::new()?.block_on(async {
+            let client = ambit::workloads::kubernetes::client_for(kubeconfig).await?;
+            ambit::policy::kubernetes::explain_in_cluster(client, &set, &args.from, &args.to).await
+        });
+    };
+    let workloads = ambit::workloads::file::load(&workloads_file)?;
     let target = &args.to;
     let workload = workloads
         .workloads
@@ -575,7 +595,7 @@ fn policy_explain(args: PolicyExplainArgs) -> anyhow::Result<String> {
                 "no workload {}/{} in {}",
                 target.namespace,
                 target.name,
-                args.workloads.display()
+                workloads_file.display()
             )
         })?;
     let request = Request {

@@ -142,19 +142,29 @@ impl Testbed {
         cp: &ControlPlane,
         kubeconfig: &Path,
     ) -> Result<crate::Agent> {
+        self.start_kubernetes_agent_with(node, cp, kubeconfig, &[])
+    }
+
+    /// [`Testbed::start_kubernetes_agent`] with more `ambit run` arguments.
+    pub fn start_kubernetes_agent_with(
+        &self,
+        node: usize,
+        cp: &ControlPlane,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Result<crate::Agent> {
         self.bridge_api_server(node, cp)?;
         let kubeconfig = kubeconfig.display().to_string();
         let node_name = format!("node{node}");
-        self.start_agent_with(
-            node,
-            &[
-                "--kubernetes",
-                "--kubeconfig",
-                &kubeconfig,
-                "--node-name",
-                &node_name,
-            ],
-        )
+        let mut args = vec![
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            &node_name,
+        ];
+        args.extend_from_slice(extra);
+        self.start_agent_with(node, &args)
     }
 
     /// Spawns a Kubernetes agent on `node` (embedded CA, log

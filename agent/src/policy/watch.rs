@@ -24,6 +24,12 @@ impl Rejections {
         self.0.load(Ordering::Relaxed)
     }
 
+    /// Counts one rejected candidate whose errors were logged elsewhere
+    /// (an invalid AuthorizationPolicy object).
+    pub(super) fn add_one(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts one rejected set and logs each of its errors, saying what
     /// is served instead (`consequence`).
     fn record(&self, errors: &LoadErrors, consequence: &str) {

@@ -52,7 +52,12 @@ pub struct KubernetesConfig {
 }
 
 async fn client(config: &KubernetesConfig) -> Result<Client> {
-    let client_config = match &config.kubeconfig {
+    client_for(config.kubeconfig.as_deref()).await
+}
+
+/// A client from `kubeconfig`, or the in-cluster configuration if `None`.
+pub async fn client_for(kubeconfig: Option<&std::path::Path>) -> Result<Client> {
+    let client_config = match kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -111,9 +116,10 @@ pub async fn watch(
     })
 }
 
-type Watched<K> = BoxStream<'static, Result<Event<K>, watcher::Error>>;
+pub(crate) type Watched<K> = BoxStream<'static, Result<Event<K>, watcher::Error>>;
 
-fn watched<K>(api: Api<K>, config: watcher::Config) -> Watched<K>
+/// A watch of `api` with the agent's retry policy ([`watch_backoff`]).
+pub(crate) fn watched<K>(api: Api<K>, config: watcher::Config) -> Watched<K>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
@@ -203,7 +209,7 @@ async fn run(
 }
 
 /// One watch's failures and restarts, logged once per outage and counted.
-struct Health {
+pub(crate) struct Health {
     resource: &'static str,
     metrics: WatchMetrics,
     failing: bool,
@@ -211,7 +217,7 @@ struct Health {
 }
 
 impl Health {
-    fn new(resource: &'static str, metrics: WatchMetrics) -> Self {
+    pub(crate) fn new(resource: &'static str, metrics: WatchMetrics) -> Self {
         Self {
             resource,
             metrics,
@@ -220,7 +226,10 @@ impl Health {
         }
     }
 
-    fn observe<K>(&mut self, item: Result<Event<K>, watcher::Error>) -> Option<Event<K>> {
+    pub(crate) fn observe<K>(
+        &mut self,
+        item: Result<Event<K>, watcher::Error>,
+    ) -> Option<Event<K>> {
         match item {
             Err(e) => {
                 self.metrics.errors.inc();
