@@ -1,17 +1,28 @@
 //! Inbound plaintext: connections to an enrolled pod that did not come
 //! through the tunnel, handed to the agent by the sk_lookup program.
 //! Strict pods refuse them with a reset; permissive pods let them through
-//! if policy allows (with no source identity).
+//! if policy allows (with no source identity). The kubelet's httpGet probes
+//! from the node are let through to both ([`super::probe`]).
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
 
-use super::{dial::unmapped, limits::ConnectionPermit, loop_guard};
+use super::{
+    dial::unmapped,
+    limits::ConnectionPermit,
+    loop_guard,
+    probe::{self, PROBE_REASON},
+};
 use crate::{
     audit,
+    capture::Capture,
     gate::{Connection, Gate},
     pod::PodContext,
+    workloads::probes::ProbeKind,
 };
 
 /// Why strict workloads refuse plaintext.
@@ -20,6 +31,8 @@ const STRICT_REASON: &str = "plaintext from outside the mesh to a strict mTLS wo
 pub struct PlaintextContext {
     pub pod: Arc<PodContext>,
     pub gate: Arc<Gate>,
+    /// Tells connections opened on the node (kubelet probes) apart.
+    pub capture: Arc<Capture>,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PlaintextContext>) {
@@ -55,9 +68,31 @@ async fn handle(
         tls_version: None,
         peer_cert_serial: None,
     };
+    let mut stream = stream;
+    // Bytes already read from the client (a request from the node that is
+    // no probe), replayed to the application if the pod accepts plaintext.
+    let mut replay = Vec::new();
+    let mut strict_reason = STRICT_REASON.to_owned();
+    if ctx.capture.opened_by_node(peer, dst) == Some(ProbeKind::Http) {
+        match probe::read_request(&mut stream, &state.spec.probes, dst.port()).await {
+            probe::Request::Probe(head) => {
+                ctx.gate.allow_probe(&conn, PROBE_REASON);
+                if let Err(e) = probe::forward(pod, stream, dst, &head).await {
+                    tracing::info!(workload = %pod.id, src = %peer, %dst, error = %e,
+                        "kubelet probe failed: application unreachable");
+                }
+                return;
+            }
+            probe::Request::Other { read, why } => {
+                strict_reason =
+                    format!("{STRICT_REASON} (from the node, not a kubelet probe: {why})");
+                replay = read;
+            }
+        }
+    }
     let refusal = if !state.spec.permissive() {
-        ctx.gate.deny(&conn, STRICT_REASON);
-        Some(STRICT_REASON.to_owned())
+        ctx.gate.deny(&conn, &strict_reason);
+        Some(strict_reason)
     } else if let Some(reason) = loop_guard::refusal(dst, pod.dial.agent_ports) {
         ctx.gate.deny(&conn, reason);
         Some(reason.to_owned())
@@ -86,6 +121,11 @@ async fn handle(
             return;
         }
     };
+    if let Err(e) = upstream.write_all(&replay).await {
+        tracing::info!(workload = %pod.id, %dst, error = %e,
+                "inbound plaintext failed: application closed");
+        return;
+    }
     let (stats, result, reason) = ctx
         .gate
         .relay(&conn, pod, &mut downstream, &mut upstream)

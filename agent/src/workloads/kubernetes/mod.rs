@@ -10,6 +10,7 @@
 //! unreachable nothing is published, so the last known state keeps serving.
 
 pub mod netns_locator;
+pub mod probes;
 pub mod store;
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
@@ -324,6 +325,7 @@ fn workload((namespace, name): &(String, String), pod: &PodRecord, netns: PathBu
         netns,
         ips: pod.ips.clone(),
         node: Some(pod.node.clone()),
+        probes: pod.probes.clone(),
     }
 }
 
@@ -377,6 +379,7 @@ mod tests {
             node: node.into(),
             ips: vec!["198.18.0.10".parse().unwrap()],
             labels: Labels::new(),
+            probes: Default::default(),
         };
         let mut state = SourceState {
             node: "n0".into(),
