@@ -356,6 +356,8 @@ fn kubelet_probes_reach_a_strict_pod_from_its_node_and_nothing_else_does() -> Re
         ensure!(body.as_deref() == Some("ready"), "probe via {ip}: {body:?}");
     }
     ensure!(tcp_probe(&tb, &node, &web, ECHO)?, "tcpSocket probe failed");
+    // The two probe ports, with their kinds, as the kernel holds them.
+    ensure!(agent.map_entries("AMBIT_PROBE_PORTS")? == 2);
     ensure!(
         echo(&tb, &node, &web, "node-probe-port")?,
         "the application did not answer the node on the tcpSocket port"
