@@ -356,6 +356,18 @@ fn kubelet_probes_reach_a_strict_pod_from_its_node_and_nothing_else_does() -> Re
         ensure!(body.as_deref() == Some("ready"), "probe via {ip}: {body:?}");
     }
     ensure!(tcp_probe(&tb, &node, &web, ECHO)?, "tcpSocket probe failed");
+    // A dual-stack socket dialling the IPv4 address (as Java clients do).
+    let mapped = format!(
+        "import socket; s = socket.socket(socket.AF_INET6); s.settimeout(5); \
+         s.connect(('::ffff:{}', {ECHO})); s.sendall(b'mapped'); print(s.recv(6).decode())",
+        web.ipv4
+    );
+    let out = tb.run(&node, &["python3", "-c", &mapped])?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == "mapped",
+        "a dual-stack socket's tcpSocket probe: {}",
+        ambit_testbed::stderr(&out)
+    );
     // The two probe ports, with their kinds, as the kernel holds them.
     ensure!(agent.map_entries("AMBIT_PROBE_PORTS")? == 2);
     ensure!(

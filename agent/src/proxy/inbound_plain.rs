@@ -73,17 +73,13 @@ async fn handle(
     // no probe), replayed to the application if the pod accepts plaintext.
     let mut replay = Vec::new();
     let mut strict_reason = STRICT_REASON.to_owned();
-    if ctx.capture.opened_by_node(peer, dst) == Some(ProbeKind::Http) {
-        match probe::read_request(&mut stream, &state.spec.probes, dst.port()).await {
-            probe::Request::Probe(head) => {
-                ctx.gate.allow_probe(&conn, PROBE_REASON);
-                if let Err(e) = probe::forward(pod, stream, dst, &head).await {
-                    tracing::info!(workload = %pod.id, src = %peer, %dst, error = %e,
-                        "kubelet probe failed: application unreachable");
-                }
-                return;
-            }
-            probe::Request::Other { read, why } => {
+    if ctx.capture.opened_by_node(peer, dst) == Some(ProbeKind::Http)
+        // Never a probe of the agent's own ports.
+        && loop_guard::refusal(dst, pod.dial.agent_ports).is_none()
+    {
+        match serve_probe(&ctx, &conn, &mut stream).await {
+            Ok(()) => return,
+            Err((read, why)) => {
                 strict_reason =
                     format!("{STRICT_REASON} (from the node, not a kubelet probe: {why})");
                 replay = read;
@@ -135,4 +131,27 @@ async fn handle(
         duration_ms = u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX),
         error = result.err().map(|e| e.to_string()),
         "inbound plaintext closed");
+}
+
+/// Serves a connection the kernel saw opened on the node to an httpGet
+/// probe port, if it carries a probe; otherwise returns what was read and
+/// why it is no probe.
+async fn serve_probe(
+    ctx: &PlaintextContext,
+    conn: &Connection,
+    stream: &mut TcpStream,
+) -> Result<(), (Vec<u8>, String)> {
+    let pod = &ctx.pod;
+    let dst = conn.dst;
+    match probe::read_request(stream, &conn.workload.probes, dst.port()).await {
+        probe::Request::Probe(head) => {
+            ctx.gate.allow_probe(conn, PROBE_REASON);
+            if let Err(e) = probe::forward(pod, stream, dst, &head).await {
+                tracing::info!(workload = %pod.id, src = %conn.source_addr, %dst, error = %e,
+                    "kubelet probe failed");
+            }
+            Ok(())
+        }
+        probe::Request::Other { read, why } => Err((read, why)),
+    }
 }

@@ -113,7 +113,7 @@ fn check(head: &[u8], probes: &Probes, port: u16) -> Result<(), String> {
 /// application resets the kubelet's connection: the probe fails.
 pub async fn forward(
     pod: &PodContext,
-    mut downstream: TcpStream,
+    downstream: &mut TcpStream,
     dst: std::net::SocketAddr,
     head: &[u8],
 ) -> std::io::Result<u64> {

@@ -290,8 +290,10 @@ fn node_connection(ctx: &SockOpsContext) -> NodeConnection {
             read_volatile(&(*ops).remote_port),
         )
     };
-    // An IPv6 socket dialling IPv4 reports the IPv4-mapped form already.
-    let (node_addr, pod_addr) = if family == u32::from(AF_INET6) {
+    // An IPv6 socket dialling IPv4: its IPv4 fields hold the addresses on
+    // every kernel (the mapped IPv6 ones may be set only after connect).
+    let v6 = family == u32::from(AF_INET6) && !is_v4_mapped(&IpWords(remote6));
+    let (node_addr, pod_addr) = if v6 {
         (IpWords(local6), IpWords(remote6))
     } else {
         (
@@ -316,7 +318,7 @@ fn record_node_connection(ctx: &SockOpsContext) -> bool {
         return false;
     }
     let conn = node_connection(ctx);
-    let Some(owner) = POD_ADDRS.get_ptr(&conn.pod_addr) else {
+    let Some(owner) = POD_ADDRS.get_ptr(conn.pod_addr) else {
         return false;
     };
     let port = ProbePort {
@@ -325,12 +327,12 @@ fn record_node_connection(ctx: &SockOpsContext) -> bool {
         port: conn.pod_port,
         _pad: [0; 6],
     };
-    let Some(kind) = PROBE_PORTS.get_ptr(&port) else {
+    let Some(kind) = PROBE_PORTS.get_ptr(port) else {
         return false;
     };
     // SAFETY: as above.
     let kind = unsafe { *kind };
-    if NODE_CONNECTIONS.insert(&conn, &kind, 0).is_err() {
+    if NODE_CONNECTIONS.insert(conn, kind, 0).is_err() {
         // No record: the connection is steered to the agent, which refuses
         // it (fail closed).
         warn!(ctx, "ambit: cannot record a probe connection from the node");
@@ -386,7 +388,7 @@ fn on_close(ctx: &SockOpsContext) {
         let _ = PENDING.remove(cookie);
     } else if in_node_netns(ctx) {
         // Addresses and ports are still set when the state becomes CLOSE.
-        let _ = NODE_CONNECTIONS.remove(&node_connection(ctx));
+        let _ = NODE_CONNECTIONS.remove(node_connection(ctx));
     }
 }
 
@@ -465,7 +467,7 @@ pub fn ambit_inbound(ctx: SkLookupContext) -> u32 {
     };
     // SAFETY: pointer returned by a successful lookup of this map.
     if NODE_CONNECTIONS
-        .get_ptr(&from_node)
+        .get_ptr(from_node)
         .is_some_and(|kind| unsafe { *kind } == PROBE_CONNECT)
     {
         return SK_PASS;
@@ -491,8 +493,14 @@ pub fn ambit_inbound(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn is_loopback(ip: &IpWords) -> bool {
     let [a, b, c, d] = ip.0;
-    let mapped = a == 0 && b == 0 && c == IpWords::from_ipv4_word(0).0[2];
-    (mapped && is_ipv4_loopback(d)) || (a == 0 && b == 0 && c == 0 && d == 1u32.to_be())
+    (is_v4_mapped(ip) && is_ipv4_loopback(d)) || (a == 0 && b == 0 && c == 0 && d == 1u32.to_be())
+}
+
+/// `::ffff:a.b.c.d`
+#[inline(always)]
+fn is_v4_mapped(ip: &IpWords) -> bool {
+    let [a, b, c, _] = ip.0;
+    a == 0 && b == 0 && c == IpWords::from_ipv4_word(0).0[2]
 }
 
 #[cfg(target_arch = "bpf")]

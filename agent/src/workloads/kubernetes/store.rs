@@ -239,6 +239,22 @@ mod tests {
         }
     }
 
+    #[test]
+    fn probes_are_kept_for_this_nodes_pods_only() {
+        let mut probed = pod("a", "Running", &["198.18.0.10"], false);
+        probed.spec.as_mut().unwrap().containers = vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "app",
+                "livenessProbe": {"tcpSocket": {"port": 9000}},
+            }))
+            .unwrap(),
+        ];
+        let local = reduce_pod(&probed, KeepLabels::All).unwrap();
+        assert_eq!(local.probes.tcp_socket, [9000]);
+        let remote = reduce_pod(&probed, KeepLabels::EnrollmentOnly).unwrap();
+        assert!(remote.probes.is_empty());
+    }
+
     fn reduce(p: &Pod) -> Option<PodRecord> {
         reduce_pod(p, KeepLabels::All)
     }
