@@ -305,6 +305,7 @@ impl Agent {
     fn reconcile(&mut self, desired: &NodeWorkloads) {
         self.directory.send_if_modified(|current| {
             let next = Directory::build(desired, &self.mesh.trust_domain);
+            self.state.metrics.set_mesh_destinations(next.len());
             let changed = **current != next;
             *current = Arc::new(next);
             changed

@@ -311,7 +311,7 @@ impl ControlPlane {
     }
 
     /// A new file name in this control plane's directory.
-    fn scratch_file(&self, name: &str) -> PathBuf {
+    pub(crate) fn scratch_file(&self, name: &str) -> PathBuf {
         let n = self.next_file.fetch_add(1, Ordering::Relaxed);
         self.dir.join(format!("{n}-{name}"))
     }

@@ -58,6 +58,7 @@ pub struct Metrics {
     /// SPIFFE IDs currently in `svid_expiry`, to remove the ones that leave.
     svid_ids: Mutex<HashSet<String>>,
     enrolled_workloads: IntGauge,
+    mesh_destinations: IntGauge,
     workloads_not_captured: IntGauge,
     policy_reload_rejections: IntCounter,
     decision_cache_hits: IntCounter,
@@ -131,6 +132,11 @@ impl Metrics {
                 &registry,
                 "ambit_enrolled_workloads",
                 "Workloads on this node currently enrolled in the mesh.",
+            ),
+            mesh_destinations: gauge(
+                &registry,
+                "ambit_mesh_destinations",
+                "Addresses of mesh workloads on any node that this agent knows, each with the SPIFFE ID expected there.",
             ),
             workloads_not_captured: gauge(
                 &registry,
@@ -220,6 +226,11 @@ impl Metrics {
 
     pub fn set_enrolled_workloads(&self, count: usize) {
         self.enrolled_workloads
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_mesh_destinations(&self, count: usize) {
+        self.mesh_destinations
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 

@@ -10,6 +10,7 @@ fn every_metric_is_registered_with_the_ambit_prefix() {
         "ambit_policy_denials_total",
         "ambit_tls_handshake_failures_total",
         "ambit_enrolled_workloads",
+        "ambit_mesh_destinations",
         "ambit_policy_reload_rejections_total",
         "ambit_policy_decision_cache_hits_total",
         "ambit_policy_decision_cache_misses_total",
@@ -75,6 +76,7 @@ fn counters_count_under_their_labels() {
     m.decision_cache_hit();
     m.decision_cache_miss();
     m.set_enrolled_workloads(7);
+    m.set_mesh_destinations(1100);
     let text = m.encode();
     let opened = |dir, dec| {
         value(
@@ -111,6 +113,7 @@ fn counters_count_under_their_labels() {
         Some(1.0)
     );
     assert_eq!(value(&text, "ambit_enrolled_workloads", &[]), Some(7.0));
+    assert_eq!(value(&text, "ambit_mesh_destinations", &[]), Some(1100.0));
 }
 
 #[test]
