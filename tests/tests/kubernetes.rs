@@ -355,7 +355,8 @@ fn kubelet_probes_reach_a_strict_pod_from_its_node_and_nothing_else_does() -> Re
         "a dual-stack socket's tcpSocket probe: {}",
         ambit_testbed::stderr(&out)
     );
-    // The two probe ports, with their kinds, as the kernel holds them.
+    // The two probe ports, with their kinds, as the kernel holds them (gRPC
+    // probes are not in the test API server's 1.20 API: unit tests only).
     ensure!(agent.map_entries("AMBIT_PROBE_PORTS")? == 2);
     ensure!(
         echo(&tb, &node, &web, "node-probe-port")?,
@@ -389,6 +390,72 @@ fn kubelet_probes_reach_a_strict_pod_from_its_node_and_nothing_else_does() -> Re
             "{what} reached the tcpSocket probe port"
         );
     }
+
+    // A pod forging the node's address, its answers routed back to it (the
+    // ARP poisoning CAP_NET_RAW allows, set here as a static neighbour):
+    // the handshake completes, but no connect on the node was recorded, so
+    // the agent takes the connection and refuses it.
+    let [a, b, c, _] = web.ipv4.octets();
+    let node_ip = std::net::Ipv4Addr::new(a, b, c, 1); // the pods' gateway
+    let link = tb.run(&outsider, &["ip", "-br", "link", "show", "eth0"])?;
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    let mac = link.split_whitespace().nth(2).context("no MAC")?.to_owned();
+    let spoof = format!("{node_ip}/32");
+    let run_ok = |host: &dyn Host, args: &[&str]| -> Result<()> {
+        let out = tb.run(host, args)?;
+        ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            ambit_testbed::stderr(&out)
+        );
+        Ok(())
+    };
+    run_ok(&outsider, &["ip", "addr", "add", &spoof, "dev", "eth0"])?;
+    let node_text = node_ip.to_string();
+    run_ok(
+        &web,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            &node_text,
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    )?;
+    let forged = tb.sh(
+        &outsider,
+        &format!(
+            "echo forged | socat -t 3 - TCP:{}:{ECHO},bind={node_ip},connect-timeout=5",
+            web.ipv4
+        ),
+    )?;
+    run_ok(&outsider, &["ip", "addr", "del", &spoof, "dev", "eth0"])?;
+    run_ok(&web, &["ip", "neigh", "del", &node_text, "dev", "eth0"])?;
+    ensure!(
+        !String::from_utf8_lossy(&forged.stdout).contains("forged"),
+        "a pod forging the node's address reached the tcpSocket probe port"
+    );
+    let from_forger = format!("{node_ip}:");
+    wait_until(secs(10), || {
+        Ok(agent.audit_records().iter().any(|r| {
+            r["decision"] == "deny"
+                && r["destination"]["port"] == ECHO
+                && r["source"]["address"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&from_forger))
+        }))
+    })
+    .with_context(|| {
+        format!(
+            "no refusal of the forged connection: {:#?}",
+            agent.audit_records()
+        )
+    })?;
 
     // Audited: the probes allowed with their reason, the other path denied.
     let workload = format!("{ns}/web");
