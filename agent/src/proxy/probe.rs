@@ -190,12 +190,13 @@ mod tests {
         assert!(check(KUBELET.as_bytes(), &probes(), 8081).is_err());
     }
 
-    async fn served(request: &'static [u8]) -> Request {
+    async fn served(request: impl Into<Vec<u8>>) -> Request {
+        let request = request.into();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = tokio::spawn(async move {
             let mut client = TcpStream::connect(addr).await.unwrap();
-            client.write_all(request).await.unwrap();
+            client.write_all(&request).await.unwrap();
             // Hold the connection open until the agent side is done.
             let mut rest = Vec::new();
             let _ = client.read_to_end(&mut rest).await;
@@ -212,7 +213,7 @@ mod tests {
         assert!(
             matches!(served(KUBELET.as_bytes()).await, Request::Probe(h) if h == KUBELET.as_bytes())
         );
-        let pipelined: &'static [u8] = b"GET /ready HTTP/1.1\r\n\r\nGET /admin HTTP/1.1\r\n\r\n";
+        let pipelined: &[u8] = b"GET /ready HTTP/1.1\r\n\r\nGET /admin HTTP/1.1\r\n\r\n";
         match served(pipelined).await {
             Request::Other { read, why } => {
                 assert_eq!(read, pipelined);
@@ -220,7 +221,7 @@ mod tests {
             }
             Request::Probe(_) => panic!("a pipelined request passed"),
         }
-        let garbage: &'static [u8] = b"\x16\x03\x01\x00\x05hello";
+        let garbage: &[u8] = b"\x16\x03\x01\x00\x05hello";
         assert!(
             matches!(served(garbage).await, Request::Other { why, .. } if why.contains("not an HTTP/1 request"))
         );
@@ -235,13 +236,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_head_past_the_size_limit_is_refused() {
-        let huge: &'static [u8] = Box::leak(
-            format!(
-                "GET /ready HTTP/1.1\r\nX: {}\r\n",
-                "a".repeat(MAX_HEAD_BYTES)
-            )
-            .into_bytes()
-            .into_boxed_slice(),
+        let huge = format!(
+            "GET /ready HTTP/1.1\r\nX: {}\r\n",
+            "a".repeat(MAX_HEAD_BYTES)
         );
         assert!(
             matches!(served(huge).await, Request::Other { why, .. } if why.contains("larger than"))
