@@ -417,6 +417,8 @@ impl Agent {
         if pod.spec != *workload || pod.addresses != addresses {
             self.capture
                 .update_inbound(pod.netns.cookie(), &addresses, workload.permissive())?;
+            self.capture
+                .set_probes(pod.netns.cookie(), &workload.probes)?;
             let identity_changed = pod.handle.current().identity != spiffe_id;
             pod.handle.update(PodState {
                 spec: Arc::new(workload.clone()),
@@ -506,11 +508,13 @@ impl Agent {
             workload.permissive(),
             &plaintext_listener,
         )?;
+        self.capture.set_probes(netns.cookie(), &workload.probes)?;
         pod.tasks.push(tokio::spawn(inbound_plain::serve(
             plaintext_listener,
             Arc::new(PlaintextContext {
                 pod: Arc::clone(&ctx),
                 gate: Arc::clone(&self.gate),
+                capture: Arc::clone(&self.capture),
             }),
         )));
 

@@ -113,6 +113,18 @@ impl Gate {
         self.record_decision(conn, &decision);
     }
 
+    /// Lets a kubelet probe through without a policy decision: it carries
+    /// no identity, and the kernel saw it opened on the node. Counted, and
+    /// audited through the per-source limiter like refusals without an
+    /// identity, so the kubelet's steady probes cost a burst of records and
+    /// then one summary per window, not a record each.
+    pub fn allow_probe(&self, conn: &Connection, reason: &str) {
+        self.metrics
+            .connection_opened(conn.direction, audit::Decision::Allow);
+        let record = conn.record(Event::Decision, audit::Decision::Allow, reason);
+        self.audit.record_unauthenticated(record);
+    }
+
     fn record_decision(&self, conn: &Connection, decision: &Decision) {
         let outcome = verdict(decision.allowed);
         self.metrics.connection_opened(conn.direction, outcome);
@@ -298,6 +310,7 @@ mod tests {
                 netns: "/var/run/netns/server".into(),
                 ips: vec!["198.18.1.10".parse().unwrap()],
                 node: None,
+                probes: Default::default(),
             }),
             workload_id: None,
             dst: "198.18.1.10:8080".parse().unwrap(),

@@ -387,6 +387,24 @@ impl Agent {
             .collect()
     }
 
+    /// Entries in one of the agent's pinned maps, read with bpftool (as an
+    /// operator would).
+    pub fn map_entries(&self, map: &str) -> Result<usize> {
+        let path = self.bpf_pin_dir.join(map);
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&path)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bpftool map dump {}: {}",
+            path.display(),
+            crate::stderr(&out)
+        );
+        let entries: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(entries.as_array().map_or(0, Vec::len))
+    }
+
     pub fn raw_log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }

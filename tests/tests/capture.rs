@@ -205,23 +205,6 @@ fn the_agents_own_upstream_connections_are_not_captured_again() -> Result<()> {
     Ok(())
 }
 
-/// Entries in a pinned map, read with bpftool (as an operator would).
-fn map_entries(agent: &Agent, map: &str) -> Result<usize> {
-    let path = agent.bpf_pin_dir.join(map);
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(&path)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "bpftool map dump {}: {}",
-        path.display(),
-        ambit_testbed::stderr(&out)
-    );
-    let entries: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(entries.as_array().map_or(0, Vec::len))
-}
-
 #[test]
 fn ten_thousand_short_connections_leave_no_original_destination_entries() -> Result<()> {
     const CONNECTIONS: usize = 10_000;
@@ -252,14 +235,14 @@ fn ten_thousand_short_connections_leave_no_original_destination_entries() -> Res
         CONNECTIONS
     );
     ambit_testbed::wait_until(secs(10), || {
-        Ok(map_entries(&s.agent, "AMBIT_ORIG_DST")? == 0
-            && map_entries(&s.agent, "AMBIT_PENDING")? == 0)
+        Ok(s.agent.map_entries("AMBIT_ORIG_DST")? == 0
+            && s.agent.map_entries("AMBIT_PENDING")? == 0)
     })
     .map_err(|e| {
         e.context(format!(
             "stale entries: orig_dst={:?} pending={:?}",
-            map_entries(&s.agent, "AMBIT_ORIG_DST").ok(),
-            map_entries(&s.agent, "AMBIT_PENDING").ok()
+            s.agent.map_entries("AMBIT_ORIG_DST").ok(),
+            s.agent.map_entries("AMBIT_PENDING").ok()
         ))
     })?;
     Ok(())
@@ -314,7 +297,7 @@ fn unenrolling_a_workload_removes_its_listeners_and_map_entry() -> Result<()> {
     let s = scene()?;
     let url = format!("http://{}:{HTTP}/index.txt", s.s.ipv4);
     assert_eq!(s.tb.curl(&s.a, &url)?, (0, OUTSIDE_BODY.to_string()));
-    assert_eq!(map_entries(&s.agent, "AMBIT_ENROLLED")?, 2);
+    assert_eq!(s.agent.map_entries("AMBIT_ENROLLED")?, 2);
 
     let mut without_a = entries(&s.a, &s.b, &s.c, &s.s);
     without_a[0].enrolled = false;
@@ -323,7 +306,7 @@ fn unenrolling_a_workload_removes_its_listeners_and_map_entry() -> Result<()> {
         .agent
         .wait_for_records("workload unenrolled", 1, secs(10))?;
     assert_eq!(unenrolled[0]["workload"], "default/a");
-    assert_eq!(map_entries(&s.agent, "AMBIT_ENROLLED")?, 1);
+    assert_eq!(s.agent.map_entries("AMBIT_ENROLLED")?, 1);
     ambit_testbed::wait_until(secs(10), || {
         let out = s.tb.run(&s.a, &["ss", "-Hltn", "sport = :15001"])?;
         Ok(out.stdout.is_empty())

@@ -52,6 +52,7 @@ fn pod_object(
         service_account: "default".into(),
         host_ip: IpAddr::from([198, 18, 240, 1]),
         ips: Vec::new(),
+        container: Default::default(),
     };
     for (k, v) in labels {
         pod = pod.label(k, v);

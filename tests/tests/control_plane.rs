@@ -265,6 +265,7 @@ fn rbac_decides_and_bound_service_account_tokens_review_as_their_pod() -> Result
         service_account: "app".into(),
         host_ip: "198.18.255.1".parse()?,
         ips: vec!["198.18.0.200".parse()?],
+        container: Default::default(),
     };
     let uid = cp.run_pod(&ns, &pod)?;
     let token = cp.request_token(&ns, "app", AUDIENCE, Some(("app-0", &uid)))?;

@@ -5,6 +5,7 @@
 mod inbound;
 mod log_pump;
 mod own_cgroup;
+mod probes;
 mod programs;
 
 use std::{
@@ -16,16 +17,20 @@ use std::{
 };
 
 use ambit_common::{
-    AF_INET, ClientKey, IpWords, MAP_ENROLLED, MAP_INBOUND_LISTENERS, MAP_ORIG_DST, MAP_POD_ADDRS,
-    OriginalDst,
+    AF_INET, ClientKey, IpWords, MAP_ENROLLED, MAP_INBOUND_LISTENERS, MAP_NODE_CONNECTIONS,
+    MAP_ORIG_DST, MAP_POD_ADDRS, MAP_PROBE_PORTS, OriginalDst,
 };
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, SockHash};
 use inbound::InboundCapture;
+use probes::ProbeCapture;
 
 pub use programs::LoadedPrograms;
 
-use crate::config::CaptureConfig;
+use crate::{
+    config::CaptureConfig,
+    workloads::probes::{ProbeKind, Probes},
+};
 
 /// The agent's live handle on the capture programs.
 pub struct Capture {
@@ -34,6 +39,7 @@ pub struct Capture {
     /// The inbound maps and the programs (whose sk_lookup program is
     /// attached per pod), behind one lock.
     inbound: Mutex<(LoadedPrograms, InboundCapture)>,
+    probes: Mutex<ProbeCapture>,
 }
 
 impl Capture {
@@ -50,6 +56,16 @@ impl Capture {
             ebpf.take_map(MAP_ORIG_DST)
                 .context("eBPF object has no original-destination map")?,
         )?;
+        let probes = ProbeCapture::new(
+            HashMap::try_from(
+                ebpf.take_map(MAP_PROBE_PORTS)
+                    .context("eBPF object has no probe port map")?,
+            )?,
+            HashMap::try_from(
+                ebpf.take_map(MAP_NODE_CONNECTIONS)
+                    .context("eBPF object has no node connection map")?,
+            )?,
+        );
         let inbound = InboundCapture::new(
             HashMap::try_from(
                 ebpf.take_map(MAP_POD_ADDRS)
@@ -65,6 +81,7 @@ impl Capture {
             enrolled: Mutex::new(enrolled),
             orig_dst: Mutex::new(orig_dst),
             inbound: Mutex::new((programs, inbound)),
+            probes: Mutex::new(probes),
         })
     }
 
@@ -103,8 +120,30 @@ impl Capture {
             .update(netns_cookie, addresses, permissive)
     }
 
+    /// Stops steering, then forgets the pod's probe ports.
     pub fn release_inbound(&self, netns_cookie: u64) -> Result<()> {
-        self.lock_inbound().1.detach(netns_cookie)
+        self.lock_inbound().1.detach(netns_cookie)?;
+        self.lock_probes().remove(netns_cookie);
+        Ok(())
+    }
+
+    /// Lets the kubelet's probes of a captured pod through (see
+    /// [`probes`]): exactly the ports `probes` names, from connections
+    /// opened in the node's own network namespace.
+    pub fn set_probes(&self, netns_cookie: u64, probes: &Probes) -> Result<()> {
+        self.lock_probes().set(netns_cookie, probes.ports())
+    }
+
+    /// The probe kind if the connection from `peer` to `local` (an accepted
+    /// inbound connection) was opened in the node's own network namespace
+    /// to a probe port.
+    pub fn opened_by_node(&self, peer: SocketAddr, local: SocketAddr) -> Option<ProbeKind> {
+        self.lock_probes().opened_by_node(peer, local)
+    }
+
+    fn lock_probes(&self) -> std::sync::MutexGuard<'_, ProbeCapture> {
+        // Each update leaves the map and its record of it consistent.
+        self.probes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock_inbound(&self) -> std::sync::MutexGuard<'_, (LoadedPrograms, InboundCapture)> {
@@ -153,6 +192,7 @@ impl Capture {
     /// Removes inbound capture a previous agent left for pods that are gone.
     pub fn forget_stale_inbound(&self, live_cookies: &HashSet<u64>) {
         self.lock_inbound().1.forget_stale(live_cookies);
+        self.lock_probes().forget_stale(live_cookies);
     }
 
     /// Detaches the programs and removes every pin (for `--cleanup-on-exit`).

@@ -6,8 +6,8 @@ use std::{
 };
 
 use ambit_common::{
-    GLOBAL_AGENT_CGROUP, GLOBAL_INBOUND_CAPTURE_PORT, GLOBAL_OUTBOUND_PORT, GLOBAL_TUNNEL_PORT,
-    INBOUND_CAPTURE_PORT, TUNNEL_PORT,
+    GLOBAL_AGENT_CGROUP, GLOBAL_INBOUND_CAPTURE_PORT, GLOBAL_NODE_NETNS, GLOBAL_OUTBOUND_PORT,
+    GLOBAL_TUNNEL_PORT, INBOUND_CAPTURE_PORT, TUNNEL_PORT,
 };
 use anyhow::{Context, Result};
 use aya::{
@@ -48,6 +48,7 @@ impl LoadedPrograms {
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
 
         let agent_cgroup = own_cgroup_id()?;
+        let node_netns = own_netns_cookie()?;
         let log_level = log_pump::kernel_log_level();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
@@ -55,6 +56,7 @@ impl LoadedPrograms {
             .override_global(GLOBAL_OUTBOUND_PORT, &config.outbound_port, true)
             .override_global(GLOBAL_INBOUND_CAPTURE_PORT, &INBOUND_CAPTURE_PORT, true)
             .override_global(GLOBAL_TUNNEL_PORT, &TUNNEL_PORT, true)
+            .override_global(GLOBAL_NODE_NETNS, &node_netns, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .load(EBPF_OBJECT)
             .with_context(|| {
@@ -128,6 +130,15 @@ impl LoadedPrograms {
         tracing::info!(pin_dir = %self.pin_dir.display(), "capture programs detached and unpinned");
         Ok(())
     }
+}
+
+/// The cookie of the agent's own network namespace: the node's, where the
+/// kubelet runs (the agent runs with the host network).
+fn own_netns_cookie() -> Result<u64> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .context("opening a socket to read the node's network namespace cookie")?;
+    crate::netns::netns_cookie(&socket)
+        .context("reading the node's network namespace cookie (SO_NETNS_COOKIE, Linux 5.14+)")
 }
 
 fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> Result<FdLink> {

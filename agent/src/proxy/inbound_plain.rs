@@ -1,17 +1,28 @@
 //! Inbound plaintext: connections to an enrolled pod that did not come
 //! through the tunnel, handed to the agent by the sk_lookup program.
 //! Strict pods refuse them with a reset; permissive pods let them through
-//! if policy allows (with no source identity).
+//! if policy allows (with no source identity). The kubelet's httpGet probes
+//! from the node are let through to both ([`super::probe`]).
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
 
-use super::{dial::unmapped, limits::ConnectionPermit, loop_guard};
+use super::{
+    dial::unmapped,
+    limits::ConnectionPermit,
+    loop_guard,
+    probe::{self, PROBE_REASON},
+};
 use crate::{
     audit,
+    capture::Capture,
     gate::{Connection, Gate},
     pod::PodContext,
+    workloads::probes::ProbeKind,
 };
 
 /// Why strict workloads refuse plaintext.
@@ -20,6 +31,8 @@ const STRICT_REASON: &str = "plaintext from outside the mesh to a strict mTLS wo
 pub struct PlaintextContext {
     pub pod: Arc<PodContext>,
     pub gate: Arc<Gate>,
+    /// Tells connections opened on the node (kubelet probes) apart.
+    pub capture: Arc<Capture>,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PlaintextContext>) {
@@ -55,9 +68,27 @@ async fn handle(
         tls_version: None,
         peer_cert_serial: None,
     };
+    let mut stream = stream;
+    // Bytes already read from the client (a request from the node that is
+    // no probe), replayed to the application if the pod accepts plaintext.
+    let mut replay = Vec::new();
+    let mut strict_reason = STRICT_REASON.to_owned();
+    if ctx.capture.opened_by_node(peer, dst) == Some(ProbeKind::Http)
+        // Never a probe of the agent's own ports.
+        && loop_guard::refusal(dst, pod.dial.agent_ports).is_none()
+    {
+        match serve_probe(&ctx, &conn, &mut stream).await {
+            Ok(()) => return,
+            Err((read, why)) => {
+                strict_reason =
+                    format!("{STRICT_REASON} (from the node, not a kubelet probe: {why})");
+                replay = read;
+            }
+        }
+    }
     let refusal = if !state.spec.permissive() {
-        ctx.gate.deny(&conn, STRICT_REASON);
-        Some(STRICT_REASON.to_owned())
+        ctx.gate.deny(&conn, &strict_reason);
+        Some(strict_reason)
     } else if let Some(reason) = loop_guard::refusal(dst, pod.dial.agent_ports) {
         ctx.gate.deny(&conn, reason);
         Some(reason.to_owned())
@@ -86,6 +117,11 @@ async fn handle(
             return;
         }
     };
+    if let Err(e) = upstream.write_all(&replay).await {
+        tracing::info!(workload = %pod.id, %dst, error = %e,
+                "inbound plaintext failed: application closed");
+        return;
+    }
     let (stats, result, reason) = ctx
         .gate
         .relay(&conn, pod, &mut downstream, &mut upstream)
@@ -95,4 +131,27 @@ async fn handle(
         duration_ms = u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX),
         error = result.err().map(|e| e.to_string()),
         "inbound plaintext closed");
+}
+
+/// Serves a connection the kernel saw opened on the node to an httpGet
+/// probe port, if it carries a probe; otherwise returns what was read and
+/// why it is no probe.
+async fn serve_probe(
+    ctx: &PlaintextContext,
+    conn: &Connection,
+    stream: &mut TcpStream,
+) -> Result<(), (Vec<u8>, String)> {
+    let pod = &ctx.pod;
+    let dst = conn.dst;
+    match probe::read_request(stream, &conn.workload.probes, dst.port()).await {
+        probe::Request::Probe(head) => {
+            ctx.gate.allow_probe(conn, PROBE_REASON);
+            if let Err(e) = probe::forward(pod, stream, dst, &head).await {
+                tracing::info!(workload = %pod.id, src = %conn.source_addr, %dst, error = %e,
+                    "kubelet probe failed");
+            }
+            Ok(())
+        }
+        probe::Request::Other { read, why } => Err((read, why)),
+    }
 }

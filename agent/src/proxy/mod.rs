@@ -13,6 +13,7 @@ pub mod inbound_tunnel;
 pub mod limits;
 pub mod loop_guard;
 pub mod outbound;
+pub mod probe;
 pub mod relay;
 pub mod service_route;
 pub mod tunnel_socket;

@@ -12,6 +12,9 @@
 //!     labels: { app: client }
 //!     netns: /var/run/netns/client
 //!     ips: [198.18.0.10, "fd00:a5b1::10"]
+//!     probes:   # the kubelet's, let in from the node (see probes.rs)
+//!       httpGet: [{port: 8080, path: /ready}]
+//!       tcpSocket: [9000]
 //! ```
 
 use std::{path::Path, time::Duration};
@@ -107,6 +110,9 @@ mod tests {
         let enrolled: Vec<_> = parsed.enrolled().map(Workload::id).collect();
         assert_eq!(enrolled, ["default/client"]);
         assert_eq!(parsed.workloads[0].ips.len(), 2);
+        let probes = &parsed.workloads[0].probes;
+        assert!(probes.is_http_probe(8080, "/ready"));
+        assert_eq!(probes.tcp_socket, [9000]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod directory;
 pub mod file;
 pub mod kubernetes;
+pub mod probes;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, sync::Arc};
 
@@ -39,6 +40,9 @@ pub struct Workload {
     /// The node the pod runs on; absent means this agent's node.
     #[serde(default)]
     pub node: Option<String>,
+    /// The kubelet's probes of the pod (this node's pods only).
+    #[serde(default)]
+    pub probes: probes::Probes,
 }
 
 /// A Kubernetes namespace's labels (only those matter for enrollment).

@@ -122,6 +122,7 @@ fn create_remote_pods(cp: &ControlPlane, count: usize) -> Result<()> {
                 service_account: format!("sa-{}", i % 25),
                 host_ip: IpAddr::V4(Ipv4Addr::new(198, 18, 250, (i % REMOTE_NODES) as u8)),
                 ips: vec![v4.into(), v6.into()],
+                container: Default::default(),
             };
             (namespaces[i % REMOTE_NAMESPACES].clone(), pod)
         })

@@ -21,11 +21,14 @@ pub const MAP_PENDING: &str = "AMBIT_PENDING";
 pub const MAP_ORIG_DST: &str = "AMBIT_ORIG_DST";
 pub const MAP_POD_ADDRS: &str = "AMBIT_POD_ADDRS";
 pub const MAP_INBOUND_LISTENERS: &str = "AMBIT_INBOUND_LISTENERS";
+pub const MAP_PROBE_PORTS: &str = "AMBIT_PROBE_PORTS";
+pub const MAP_NODE_CONNECTIONS: &str = "AMBIT_NODE_CONNECTIONS";
 /// Names of the globals the agent sets at load time.
 pub const GLOBAL_AGENT_CGROUP: &str = "AMBIT_AGENT_CGROUP";
 pub const GLOBAL_OUTBOUND_PORT: &str = "AMBIT_OUTBOUND_PORT";
 pub const GLOBAL_INBOUND_CAPTURE_PORT: &str = "AMBIT_INBOUND_CAPTURE_PORT";
 pub const GLOBAL_TUNNEL_PORT: &str = "AMBIT_TUNNEL_PORT";
+pub const GLOBAL_NODE_NETNS: &str = "AMBIT_NODE_NETNS";
 
 /// Capacity of the per-connection maps: a ceiling on concurrent captured
 /// connections per node (entries live from connect to close). They are LRU
@@ -37,6 +40,11 @@ pub const CONNECTION_MAP_CAPACITY: u32 = 65_536;
 pub const ENROLLED_MAP_CAPACITY: u32 = 4_096;
 /// Capacity of the inbound maps (pod addresses on one node, two per pod).
 pub const INBOUND_MAP_CAPACITY: u32 = 8_192;
+/// Capacity of the probe port map (probe ports of the pods on one node).
+pub const PROBE_PORT_MAP_CAPACITY: u32 = 16_384;
+/// Capacity of the map of open connections from the node's own network
+/// namespace to probe ports (LRU; an entry lives from connect to close).
+pub const NODE_CONNECTION_MAP_CAPACITY: u32 = 16_384;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -117,6 +125,42 @@ pub struct PodAddress {
     pub _pad: u32,
 }
 
+/// A probe port of an enrolled pod: [`PROBE_CONNECT`] or [`PROBE_HTTP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProbePort {
+    pub netns_cookie: u64,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// A tcpSocket or gRPC probe port (or an HTTPS httpGet one, whose request
+/// the agent cannot read): the kubelet's probe succeeds at connect, so
+/// connections opened in the node's network namespace pass straight to the
+/// application's own listener.
+pub const PROBE_CONNECT: u32 = 1;
+/// An httpGet probe port: connections opened in the node's network
+/// namespace still go to the agent, which lets through a GET for exactly a
+/// declared probe path.
+pub const PROBE_HTTP: u32 = 2;
+
+/// A TCP connection opened in the node's own network namespace (the
+/// kubelet's, or any host-network process's) to a probe port of an enrolled
+/// pod on this node, as both ends see it. Recorded by sock_ops when the
+/// connect starts (value: the probe kind), read by sk_lookup and by the
+/// agent: a pod cannot create an entry, whatever source address it forges.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConnection {
+    pub node_addr: IpWords,
+    pub pod_addr: IpWords,
+    /// Host byte order.
+    pub node_port: u16,
+    /// Host byte order.
+    pub pod_port: u16,
+}
+
 /// Per-socket state between connect and close, keyed by socket cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -137,4 +181,6 @@ mod pod {
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::PendingConnection {}
     unsafe impl aya::Pod for super::PodAddress {}
+    unsafe impl aya::Pod for super::ProbePort {}
+    unsafe impl aya::Pod for super::NodeConnection {}
 }

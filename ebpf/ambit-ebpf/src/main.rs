@@ -15,13 +15,20 @@
 //!   capture listener, so nothing reaches the application without the agent
 //!   deciding (strict mTLS). An address the agent has not placed is refused,
 //!   never passed. Unsolicited UDP from outside a strict pod is dropped.
+//! * Kubelet probes: `sockops` records each TCP connect made in the node's
+//!   own network namespace to a probe port of an enrolled pod (the agent
+//!   declares the ports per pod); `ambit_inbound` lets those of tcpSocket
+//!   and gRPC probes reach the application's own listener, and the agent
+//!   reads httpGet ones. A pod cannot create such a record, whatever source
+//!   address it forges.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use ambit_common::{
     AF_INET, AF_INET6, CONNECTION_MAP_CAPACITY, ClientKey, ENROLLED_MAP_CAPACITY,
-    INBOUND_CAPTURE_PORT, INBOUND_MAP_CAPACITY, IpWords, OUTBOUND_PORT, OriginalDst,
-    POD_ADDRESS_PERMISSIVE, PendingConnection, PodAddress, TUNNEL_PORT,
+    INBOUND_CAPTURE_PORT, INBOUND_MAP_CAPACITY, IpWords, NODE_CONNECTION_MAP_CAPACITY,
+    NodeConnection, OUTBOUND_PORT, OriginalDst, POD_ADDRESS_PERMISSIVE, PROBE_CONNECT,
+    PROBE_PORT_MAP_CAPACITY, PendingConnection, PodAddress, ProbePort, TUNNEL_PORT,
 };
 use aya_ebpf::{
     Global,
@@ -57,6 +64,10 @@ static AMBIT_OUTBOUND_PORT: Global<u16> = Global::new(OUTBOUND_PORT);
 static AMBIT_INBOUND_CAPTURE_PORT: Global<u16> = Global::new(INBOUND_CAPTURE_PORT);
 #[unsafe(no_mangle)]
 static AMBIT_TUNNEL_PORT: Global<u16> = Global::new(TUNNEL_PORT);
+/// The netns cookie of the node's own (host) network namespace, where the
+/// kubelet runs. 0 (unset) matches nothing: no probe is let through.
+#[unsafe(no_mangle)]
+static AMBIT_NODE_NETNS: Global<u64> = Global::new(0);
 
 /// Enrolled network namespaces, by netns cookie. Written only by the agent.
 #[map(name = "AMBIT_ENROLLED")]
@@ -81,6 +92,17 @@ static POD_ADDRS: HashMap<IpWords, PodAddress> = HashMap::pinned(INBOUND_MAP_CAP
 /// kernel drops an entry when its socket closes (the agent died).
 #[map(name = "AMBIT_INBOUND_LISTENERS")]
 static INBOUND_LISTENERS: SockHash<IpWords> = SockHash::pinned(INBOUND_MAP_CAPACITY, 0);
+
+/// The kubelet probe ports of each enrolled pod, with their kind
+/// (`PROBE_CONNECT` or `PROBE_HTTP`). Written only by the agent.
+#[map(name = "AMBIT_PROBE_PORTS")]
+static PROBE_PORTS: HashMap<ProbePort, u32> = HashMap::pinned(PROBE_PORT_MAP_CAPACITY, 0);
+
+/// Open connections from the node's own network namespace to probe ports,
+/// with the probe kind; removed when the connecting socket closes.
+#[map(name = "AMBIT_NODE_CONNECTIONS")]
+static NODE_CONNECTIONS: LruHashMap<NodeConnection, u32> =
+    LruHashMap::pinned(NODE_CONNECTION_MAP_CAPACITY, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
@@ -219,12 +241,104 @@ fn socket_cookie(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
 }
 
-/// Ask for state callbacks on captured sockets only, so that we see their close.
+/// Ask for state callbacks on captured sockets and on the node's probe
+/// connections only, so that we see their close.
 fn on_connect(ctx: &SockOpsContext) {
-    if PENDING.get_ptr(socket_cookie(ctx)).is_some() {
+    let watch_close = if PENDING.get_ptr(socket_cookie(ctx)).is_some() {
+        true
+    } else {
+        record_node_connection(ctx)
+    };
+    if watch_close {
         let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
         let _ = ctx.set_cb_flags(flags as i32);
     }
+}
+
+/// Whether the socket lives in the node's own network namespace.
+#[inline(always)]
+fn in_node_netns(ctx: &SockOpsContext) -> bool {
+    let node = AMBIT_NODE_NETNS.load();
+    // SAFETY: helper allowed for sock_ops programs (Linux 5.15 or newer).
+    node != 0 && unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } == node
+}
+
+/// The connection as both ends see it: local end the node, remote the pod.
+#[inline(always)]
+fn node_connection(ctx: &SockOpsContext) -> NodeConnection {
+    let ops = ctx.ops;
+    // SAFETY: plain loads from the live sock_ops context, each on its own
+    // (see on_established).
+    let (family, local4, remote4, local6, remote6, local_port, remote_port) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            read_volatile(&(*ops).remote_ip4),
+            [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ],
+            [
+                read_volatile(&(*ops).remote_ip6[0]),
+                read_volatile(&(*ops).remote_ip6[1]),
+                read_volatile(&(*ops).remote_ip6[2]),
+                read_volatile(&(*ops).remote_ip6[3]),
+            ],
+            read_volatile(&(*ops).local_port),
+            read_volatile(&(*ops).remote_port),
+        )
+    };
+    // An IPv6 socket dialling IPv4: its IPv4 fields hold the addresses on
+    // every kernel (the mapped IPv6 ones may be set only after connect).
+    let v6 = family == u32::from(AF_INET6) && !is_v4_mapped(&IpWords(remote6));
+    let (node_addr, pod_addr) = if v6 {
+        (IpWords(local6), IpWords(remote6))
+    } else {
+        (
+            IpWords::from_ipv4_word(local4),
+            IpWords::from_ipv4_word(remote4),
+        )
+    };
+    NodeConnection {
+        node_addr,
+        pod_addr,
+        node_port: local_port as u16,
+        // The kernel hands the network-order port in the upper half.
+        pod_port: u32::from_be(remote_port) as u16,
+    }
+}
+
+/// Records a connect from the node's network namespace to a probe port of
+/// an enrolled pod (the kernel has chosen the source port by now); returns
+/// whether it did.
+fn record_node_connection(ctx: &SockOpsContext) -> bool {
+    if !in_node_netns(ctx) {
+        return false;
+    }
+    let conn = node_connection(ctx);
+    let Some(owner) = POD_ADDRS.get_ptr(conn.pod_addr) else {
+        return false;
+    };
+    let port = ProbePort {
+        // SAFETY: pointer returned by a successful lookup of this map.
+        netns_cookie: unsafe { (*owner).netns_cookie },
+        port: conn.pod_port,
+        _pad: [0; 6],
+    };
+    let Some(kind) = PROBE_PORTS.get_ptr(port) else {
+        return false;
+    };
+    // SAFETY: as above.
+    let kind = unsafe { *kind };
+    if NODE_CONNECTIONS.insert(conn, kind, 0).is_err() {
+        // No record: the connection is steered to the agent, which refuses
+        // it (fail closed).
+        warn!(ctx, "ambit: cannot record a probe connection from the node");
+        return false;
+    }
+    true
 }
 
 fn on_established(ctx: &SockOpsContext) {
@@ -272,6 +386,9 @@ fn on_close(ctx: &SockOpsContext) {
             let _ = ORIG_DST.remove(pending.client);
         }
         let _ = PENDING.remove(cookie);
+    } else if in_node_netns(ctx) {
+        // Addresses and ports are still set when the state becomes CLOSE.
+        let _ = NODE_CONNECTIONS.remove(node_connection(ctx));
     }
 }
 
@@ -280,11 +397,12 @@ pub fn ambit_inbound(ctx: SkLookupContext) -> u32 {
     let lookup = ctx.lookup;
     // SAFETY: plain loads from the live sk_lookup context, each field read
     // on its own (see on_established).
-    let (protocol, family, local_port, local4, remote4, local6, remote6) = unsafe {
+    let (protocol, family, local_port, remote_port, local4, remote4, local6, remote6) = unsafe {
         (
             read_volatile(&(*lookup).protocol),
             read_volatile(&(*lookup).family),
             read_volatile(&(*lookup).local_port),
+            read_volatile(&(*lookup).remote_port),
             read_volatile(&(*lookup).local_ip4),
             read_volatile(&(*lookup).remote_ip4),
             [
@@ -337,6 +455,23 @@ pub fn ambit_inbound(ctx: SkLookupContext) -> u32 {
     if protocol != IPPROTO_TCP || port == AMBIT_TUNNEL_PORT.load() {
         return SK_PASS;
     }
+    // A tcpSocket or gRPC probe: only a connect opened in the node's own
+    // network namespace to a probe port has a record. The application's own
+    // listener answers, so the probe reflects its health (no listener: the
+    // kernel resets, the probe fails).
+    let from_node = NodeConnection {
+        node_addr: remote,
+        pod_addr: local,
+        node_port: u16::from_be(remote_port),
+        pod_port: port,
+    };
+    // SAFETY: pointer returned by a successful lookup of this map.
+    if NODE_CONNECTIONS
+        .get_ptr(from_node)
+        .is_some_and(|kind| unsafe { *kind } == PROBE_CONNECT)
+    {
+        return SK_PASS;
+    }
     // Every other TCP port, the agent's own included: a direct dial of the
     // capture or outbound port is refused (and audited) by the agent.
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
@@ -358,8 +493,14 @@ pub fn ambit_inbound(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn is_loopback(ip: &IpWords) -> bool {
     let [a, b, c, d] = ip.0;
-    let mapped = a == 0 && b == 0 && c == IpWords::from_ipv4_word(0).0[2];
-    (mapped && is_ipv4_loopback(d)) || (a == 0 && b == 0 && c == 0 && d == 1u32.to_be())
+    (is_v4_mapped(ip) && is_ipv4_loopback(d)) || (a == 0 && b == 0 && c == 0 && d == 1u32.to_be())
+}
+
+/// `::ffff:a.b.c.d`
+#[inline(always)]
+fn is_v4_mapped(ip: &IpWords) -> bool {
+    let [a, b, c, _] = ip.0;
+    a == 0 && b == 0 && c == IpWords::from_ipv4_word(0).0[2]
 }
 
 #[cfg(target_arch = "bpf")]

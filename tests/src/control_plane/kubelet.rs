@@ -22,6 +22,8 @@ pub struct KubePod {
     pub host_ip: IpAddr,
     /// `status.podIPs`, first one is `status.podIP`.
     pub ips: Vec<IpAddr>,
+    /// More fields of the pod's one container (ports, probes).
+    pub container: serde_json::Map<String, Value>,
 }
 
 impl KubePod {
@@ -35,7 +37,17 @@ impl KubePod {
             service_account: service_account.into(),
             host_ip: node.link_ipv4.into(),
             ips: vec![pod.ipv4.into(), pod.ipv6.into()],
+            container: serde_json::Map::new(),
         }
+    }
+
+    /// Adds `fields` (an object: `ports`, `readinessProbe`, ...) to the
+    /// pod's container.
+    pub fn container(mut self, fields: Value) -> Self {
+        if let Value::Object(fields) = fields {
+            self.container.extend(fields);
+        }
+        self
     }
 
     pub fn label(mut self, key: &str, value: &str) -> Self {
@@ -49,6 +61,11 @@ impl KubePod {
             .iter()
             .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
             .collect();
+        let mut container = json!({"name": "app", "image": "ambit.invalid/app:test"});
+        container
+            .as_object_mut()
+            .expect("an object")
+            .extend(self.container.clone());
         json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -58,7 +75,7 @@ impl KubePod {
                 "serviceAccountName": self.service_account,
                 "automountServiceAccountToken": false,
                 // Never pulled: nothing runs containers here.
-                "containers": [{"name": "app", "image": "ambit.invalid/app:test"}],
+                "containers": [container],
             },
         })
     }

@@ -13,6 +13,7 @@
 //! unreachable nothing is published, so the last known state keeps serving.
 
 pub mod netns_locator;
+pub mod probes;
 pub mod services;
 pub mod store;
 
@@ -342,6 +343,7 @@ fn workload((namespace, name): &(String, String), pod: &PodRecord, netns: PathBu
         netns,
         ips: pod.ips.clone(),
         node: Some(pod.node.clone()),
+        probes: pod.probes.clone(),
     }
 }
 
@@ -395,6 +397,7 @@ mod tests {
             node: node.into(),
             ips: vec!["198.18.0.10".parse().unwrap()],
             labels: Labels::new(),
+            probes: Default::default(),
         };
         let mut state = SourceState {
             node: "n0".into(),

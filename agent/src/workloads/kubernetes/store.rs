@@ -8,7 +8,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{ResourceExt, runtime::watcher::Event};
 
-use crate::workloads::{Labels, MESH_LABEL};
+use super::probes::reduce_probes;
+use crate::workloads::{Labels, MESH_LABEL, probes::Probes};
 
 /// `(namespace, name)`; namespaces themselves have an empty namespace.
 pub type ObjectKey = (String, String);
@@ -25,10 +26,13 @@ pub struct PodRecord {
     pub node: String,
     pub ips: Vec<IpAddr>,
     pub labels: Labels,
+    /// Kubelet probes (this node's pods only).
+    pub probes: Probes,
 }
 
 /// Which labels of a pod to keep: all of them for this node's pods
 /// (policies select on them), only the enrollment label for the others.
+/// Probes are kept with all labels: only this node's kubelet probes.
 #[derive(Clone, Copy, Debug)]
 pub enum KeepLabels {
     All,
@@ -75,6 +79,10 @@ pub fn reduce_pod(pod: &Pod, keep: KeepLabels) -> Option<PodRecord> {
         node: spec.node_name.clone()?,
         ips,
         labels,
+        probes: match keep {
+            KeepLabels::All => reduce_probes(spec),
+            KeepLabels::EnrollmentOnly => Probes::default(),
+        },
     })
 }
 
@@ -233,6 +241,22 @@ mod tests {
         ] {
             assert_eq!(reduce_pod(&skipped, KeepLabels::All), None, "{skipped:?}");
         }
+    }
+
+    #[test]
+    fn probes_are_kept_for_this_nodes_pods_only() {
+        let mut probed = pod("a", "Running", &["198.18.0.10"], false);
+        probed.spec.as_mut().unwrap().containers = vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "app",
+                "livenessProbe": {"tcpSocket": {"port": 9000}},
+            }))
+            .unwrap(),
+        ];
+        let local = reduce_pod(&probed, KeepLabels::All).unwrap();
+        assert_eq!(local.probes.tcp_socket, [9000]);
+        let remote = reduce_pod(&probed, KeepLabels::EnrollmentOnly).unwrap();
+        assert!(remote.probes.is_empty());
     }
 
     fn reduce(p: &Pod) -> Option<PodRecord> {
