@@ -18,6 +18,7 @@ use crate::{
     audit::AuditLog,
     ca_service::{BUNDLE_FILE, CaClient, NODE_CHAIN_FILE, NODE_KEY_FILE, NODES_DIR},
     capture::Capture,
+    cni::{Cni, records::RecordedNetnsLocator},
     config::{IdentityConfig, RunConfig, WorkloadSource},
     gate::Gate,
     identity::{CertificateAuthority, SpiffeId, TrustDomain},
@@ -36,8 +37,9 @@ use crate::{
     svids::{IdentitySource, SvidStore},
     tunnel::TunnelPool,
     workloads::{
-        self, NodeWorkloads, Workload, WorkloadFeed, directory::Directory,
-        kubernetes::netns_locator::ProcNetnsLocator,
+        self, NodeWorkloads, Workload, WorkloadFeed,
+        directory::Directory,
+        kubernetes::netns_locator::{NetnsLocator, ProcNetnsLocator},
     },
 };
 
@@ -138,8 +140,22 @@ fn pod_addresses(netns: &Netns, workload: &Workload) -> Result<Vec<IpAddr>> {
     Ok(addresses)
 }
 
+/// The CNI records and server, in Kubernetes mode with a CNI socket.
+fn open_cni(config: &RunConfig) -> Result<Option<Cni>> {
+    match &config.workloads {
+        WorkloadSource::Kubernetes(kubernetes) => {
+            kubernetes.cni.as_ref().map(Cni::open).transpose()
+        }
+        WorkloadSource::File(_) => Ok(None),
+    }
+}
+
 /// The configured workload source, started.
-async fn workload_feed(config: &RunConfig, metrics: &Metrics) -> Result<WorkloadFeed> {
+async fn workload_feed(
+    config: &RunConfig,
+    metrics: &Metrics,
+    cni: Option<&Cni>,
+) -> Result<WorkloadFeed> {
     Ok(match &config.workloads {
         WorkloadSource::File(path) => WorkloadFeed {
             workloads: workloads::file::watch(path, config.reload_interval)?,
@@ -148,12 +164,15 @@ async fn workload_feed(config: &RunConfig, metrics: &Metrics) -> Result<Workload
         WorkloadSource::Kubernetes(kubernetes) => {
             let watch_metrics = KubernetesMetrics::register(metrics.registry())
                 .context("registering the Kubernetes metrics")?;
-            workloads::kubernetes::watch(
-                kubernetes,
-                &watch_metrics,
-                Arc::new(ProcNetnsLocator::default()),
-            )
-            .await?
+            let locator: Arc<dyn NetnsLocator> = match cni {
+                Some(cni) => Arc::new(RecordedNetnsLocator::new(
+                    cni.pods(),
+                    ProcNetnsLocator::default(),
+                )),
+                None => Arc::new(ProcNetnsLocator::default()),
+            };
+            workloads::kubernetes::watch(kubernetes, &watch_metrics, locator, cni.map(Cni::pods))
+                .await?
         }
     })
 }
@@ -164,10 +183,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
     // bad workloads file or identity setup, all before the kernel is touched.
     crate::preflight::check_capabilities()?;
     let metrics = Arc::new(Metrics::new());
+    let cni = open_cni(&config)?;
     let WorkloadFeed {
         mut workloads,
         mut synced,
-    } = workload_feed(&config, &metrics).await?;
+    } = workload_feed(&config, &metrics, cni.as_ref()).await?;
     // Before the first sync of Kubernetes this has only the node name.
     let initial = workloads.borrow_and_update().clone();
     let trust_domain = TrustDomain::new(&config.trust_domain)
@@ -246,6 +266,10 @@ pub async fn run(config: RunConfig) -> Result<()> {
     tokio::spawn(admin.run());
 
     let capture = Arc::new(Capture::start(&config.capture)?);
+    // Once capture runs: an ADD now waits for the sync and the control loop.
+    if let Some(cni) = &cni {
+        cni.serve(workloads.clone(), Arc::clone(&state)).await?;
+    }
     tracing::info!(limits = ?config.limits, "admission limits");
     let limits = Limits::new(config.limits.clone(), Arc::clone(&mesh.metrics));
     let mut agent = Agent {
