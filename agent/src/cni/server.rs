@@ -219,19 +219,25 @@ impl CniServer {
             .is_some_and(|(workload, _)| workload.netns == netns)
     }
 
+    /// `error` only for a pod of the mesh that is not captured: CHECK must
+    /// not fail pods outside it, nor pods the agent cannot judge.
     fn check(&self, request: &AgentRequest) -> AgentResponse {
-        let Some(record) = self.records.get(&request.uid) else {
-            return error(format!(
-                "the agent has no record of pod {}/{} (uid {})",
-                request.namespace, request.pod, request.uid
-            ));
+        let id = format!("{}/{}", request.namespace, request.pod);
+        let view = self.workloads.borrow();
+        let is_it = |w: &&crate::workloads::Workload| {
+            w.namespace == request.namespace && w.name == request.pod
         };
-        let id = format!("{}/{}", record.namespace, record.name);
-        match view_of(&self.workloads.borrow(), &record) {
-            Some(false) => response(Status::Ok, "not enrolled"),
-            Some(true) if self.captured(&id, &record.netns) => response(Status::Ok, "captured"),
-            Some(true) => error(format!("pod {id} is enrolled but not captured")),
-            None => error(format!("pod {id} is not among this node's pods")),
+        let Some(enrolled) = view.enrolled().find(is_it) else {
+            return response(Status::Ok, "not enrolled, or not known to the agent");
+        };
+        let netns = self
+            .records
+            .get(&request.uid)
+            .map_or_else(|| enrolled.netns.clone(), |record| record.netns);
+        if self.captured(&id, &netns) {
+            response(Status::Ok, "captured")
+        } else {
+            error(format!("pod {id} is enrolled but not captured"))
         }
     }
 }
