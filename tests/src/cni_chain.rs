@@ -245,6 +245,35 @@ impl CniChain {
         self.del_in(&self.pod_netns, container_id, cni_args)
     }
 
+    /// CHECK for the pod whose netns is `netns`: every plugin in order,
+    /// each with `result` (what ADD returned) as prevResult, as libcni does;
+    /// the first failure ends it.
+    pub fn check_in(
+        &self,
+        netns: &str,
+        container_id: &str,
+        cni_args: &str,
+        result: &Value,
+    ) -> Result<Vec<PluginRun>> {
+        let config = self.active_config()?;
+        let call = Call {
+            command: "CHECK",
+            netns,
+            container_id,
+            cni_args,
+        };
+        let mut runs = Vec::new();
+        for plugin in plugins(&config)? {
+            let run = self.call_in(&call, &config, &plugin, Some(result.clone()))?;
+            let ok = run.status.success();
+            runs.push(run);
+            if !ok {
+                break;
+            }
+        }
+        Ok(runs)
+    }
+
     /// DEL for the pod whose netns is `netns`.
     pub fn del_in(
         &self,

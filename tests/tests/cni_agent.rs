@@ -264,9 +264,25 @@ fn a_pod_added_through_cni_is_tunnelled_from_its_first_connection_and_older_pods
         "record {record}"
     );
 
+    // CHECK passes while the pod is captured.
+    let checks = mesh
+        .chain
+        .check_in(&web.netns.name, &web.container_id(), &web.args(), &bridge)?;
+    ensure!(
+        checks.len() == 2 && checks.iter().all(|r| r.status.success()),
+        "CHECK of a captured pod failed: {checks:#?}"
+    );
+    let id = format!("{}/web", mesh.ns);
+    ensure!(
+        mesh.agent0
+            .records("CNI request done")
+            .iter()
+            .any(|r| r["pod"] == id.as_str() && r["command"] == "Check" && r["status"] == "Ok"),
+        "the agent did not answer the CHECK"
+    );
+
     // DEL releases the pod and its record, twice as well as once.
     mesh.del(&web)?;
-    let id = format!("{}/web", mesh.ns);
     wait_until(secs(20), || {
         Ok(mesh
             .agent0
