@@ -18,6 +18,7 @@ use crate::{
     audit::AuditLog,
     ca_service::{BUNDLE_FILE, CaClient, NODE_CHAIN_FILE, NODE_KEY_FILE, NODES_DIR},
     capture::Capture,
+    cni::{Cni, records::RecordedNetnsLocator},
     config::{IdentityConfig, RunConfig, WorkloadSource},
     gate::Gate,
     identity::{CertificateAuthority, SpiffeId, TrustDomain},
@@ -36,8 +37,9 @@ use crate::{
     svids::{IdentitySource, SvidStore},
     tunnel::TunnelPool,
     workloads::{
-        self, NodeWorkloads, Workload, WorkloadFeed, directory::Directory,
-        kubernetes::netns_locator::ProcNetnsLocator,
+        self, NodeWorkloads, Workload, WorkloadFeed,
+        directory::Directory,
+        kubernetes::netns_locator::{NetnsLocator, ProcNetnsLocator},
     },
 };
 
@@ -138,20 +140,34 @@ fn pod_addresses(netns: &Netns, workload: &Workload) -> Result<Vec<IpAddr>> {
     Ok(addresses)
 }
 
+/// The CNI records and server, in Kubernetes mode with a CNI socket.
+fn open_cni(config: &RunConfig) -> Result<Option<Cni>> {
+    match &config.workloads {
+        WorkloadSource::Kubernetes(kubernetes) => {
+            kubernetes.cni.as_ref().map(Cni::open).transpose()
+        }
+        WorkloadSource::File(_) => Ok(None),
+    }
+}
+
 /// The configured workload source, started; `watch_metrics` are given
 /// for the Kubernetes source.
 async fn workload_feed(
     config: &RunConfig,
     watch_metrics: Option<&KubernetesMetrics>,
+    cni: Option<&Cni>,
 ) -> Result<WorkloadFeed> {
     Ok(match (&config.workloads, watch_metrics) {
         (WorkloadSource::Kubernetes(kubernetes), Some(watch_metrics)) => {
-            workloads::kubernetes::watch(
-                kubernetes,
-                watch_metrics,
-                Arc::new(ProcNetnsLocator::default()),
-            )
-            .await?
+            let locator: Arc<dyn NetnsLocator> = match cni {
+                Some(cni) => Arc::new(RecordedNetnsLocator::new(
+                    cni.pods(),
+                    ProcNetnsLocator::default(),
+                )),
+                None => Arc::new(ProcNetnsLocator::default()),
+            };
+            workloads::kubernetes::watch(kubernetes, watch_metrics, locator, cni.map(Cni::pods))
+                .await?
         }
         (WorkloadSource::Kubernetes(_), None) => {
             anyhow::bail!("the Kubernetes workload source needs its metrics")
@@ -205,11 +221,12 @@ pub async fn run(config: RunConfig) -> Result<()> {
         ),
         WorkloadSource::File(_) => None,
     };
+    let cni = open_cni(&config)?;
     let WorkloadFeed {
         mut workloads,
         mut synced,
         services,
-    } = workload_feed(&config, watch_metrics.as_ref()).await?;
+    } = workload_feed(&config, watch_metrics.as_ref(), cni.as_ref()).await?;
     // Before the first sync of Kubernetes this has only the node name.
     let initial = workloads.borrow_and_update().clone();
     let trust_domain = TrustDomain::new(&config.trust_domain)
@@ -290,6 +307,10 @@ pub async fn run(config: RunConfig) -> Result<()> {
     tokio::spawn(admin.run());
 
     let capture = Arc::new(Capture::start(&config.capture)?);
+    // Once capture runs: an ADD now waits for the sync and the control loop.
+    if let Some(cni) = &cni {
+        cni.serve(workloads.clone(), Arc::clone(&state)).await?;
+    }
     tracing::info!(limits = ?config.limits, "admission limits");
     let limits = Limits::new(config.limits.clone(), Arc::clone(&mesh.metrics));
     let mut agent = Agent {

@@ -8,6 +8,7 @@ pub mod agent_state;
 pub mod audit;
 pub mod ca_service;
 pub mod capture;
+pub mod cni;
 pub mod config;
 pub mod fd_limit;
 pub mod gate;

@@ -58,6 +58,8 @@ struct RunArgs {
     /// This node's name (the pods' spec.nodeName), for --kubernetes.
     #[arg(long, env = "NODE_NAME", required_if_eq("kubernetes", "true"))]
     node_name: Option<String>,
+    #[command(flatten)]
+    cni: CniArgs,
     /// cgroup v2 directory to attach the capture programs to
     /// [default: the cgroup v2 root from /proc/self/mountinfo].
     #[arg(long)]
@@ -161,6 +163,18 @@ struct RunArgs {
     tunnel_max_connections_per_peer: u64,
     #[command(flatten)]
     limits: LimitArgs,
+}
+
+/// The agent's end of `ambit-cni` (--kubernetes only).
+#[derive(Args)]
+struct CniArgs {
+    /// Unix socket the CNI plugin calls on ADD/DEL/CHECK (root only).
+    #[arg(long, default_value = ambit::cni::DEFAULT_SOCKET)]
+    cni_socket: PathBuf,
+    /// Directory of the agent's node state; the CNI records are kept in
+    /// its `pods/` (a tmpfs such as /var/run: they describe this boot's pods).
+    #[arg(long, default_value = ambit::cni::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
 }
 
 /// Admission limits against floods; over a limit a connection is reset at
@@ -345,6 +359,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     node_name,
                     "--node-name (or NODE_NAME) is required",
                 )?,
+                cni: Some(ambit::cni::CniConfig {
+                    socket: args.cni.cni_socket,
+                    state_dir: args.cni.state_dir,
+                }),
             }),
         },
         reload_interval: Duration::from_millis(args.reload_interval_ms),

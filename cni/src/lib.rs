@@ -6,5 +6,7 @@ pub mod conflist;
 pub mod enrollment;
 pub mod install;
 pub mod plugin;
-pub mod protocol;
 pub mod spec;
+
+/// The agent protocol lives in its own crate, shared with the agent.
+pub use ambit_cni_protocol as protocol;

@@ -230,6 +230,7 @@ async fn ask_agent(
         pod: pod.name.clone(),
         uid: pod.uid.clone(),
         ips: conf.previous_ips(),
+        timeout_ms: conf.timeout_ms,
     };
     protocol::call(Path::new(&conf.agent_socket), &request, timeout(conf)).await
 }

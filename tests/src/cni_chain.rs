@@ -45,6 +45,14 @@ pub fn cni_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// CNI_ARGS as the kubelet's runtime passes them for a pod.
+pub fn k8s_args(namespace: &str, pod: &str, uid: &str) -> String {
+    format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};\
+         K8S_POD_INFRA_CONTAINER_ID=sandbox;K8S_POD_UID={uid}"
+    )
+}
+
 /// One plugin's exit, stdout and stderr.
 #[derive(Debug)]
 pub struct PluginRun {
@@ -52,6 +60,8 @@ pub struct PluginRun {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
+    /// From exec to exit.
+    pub elapsed: Duration,
 }
 
 impl PluginRun {
@@ -73,6 +83,26 @@ pub struct CniChain {
     pub pod_netns: String,
     pub bridge: String,
     dir: PathBuf,
+    testbed_id: String,
+}
+
+/// Another pod sandbox's netns on the chain's node, deleted on drop.
+pub struct SandboxNetns {
+    pub name: String,
+}
+
+impl SandboxNetns {
+    pub fn path(&self) -> String {
+        crate::exec::netns_path(&self.name)
+    }
+}
+
+impl Drop for SandboxNetns {
+    fn drop(&mut self) {
+        if let Err(e) = host_cmd("ip", &["netns", "del", &self.name]) {
+            eprintln!("sandbox netns cleanup: {e:#}");
+        }
+    }
 }
 
 impl CniChain {
@@ -97,6 +127,7 @@ impl CniChain {
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": SUBNET}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
                     "dataDir": dir.join("ipam"),
                 },
             }],
@@ -113,7 +144,23 @@ impl CniChain {
             pod_netns,
             bridge,
             dir,
+            testbed_id: testbed.id.clone(),
         })
+    }
+
+    /// A fresh netns for another pod on this node (named after the testbed,
+    /// so a killed test's is swept with it).
+    pub fn sandbox(&self) -> Result<SandboxNetns> {
+        let name = format!(
+            "{}-cnis{}",
+            self.testbed_id,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        host_cmd("ip", &["netns", "add", &name])?;
+        let sandbox = SandboxNetns { name };
+        // As runtimes do before the chain (containerd's loopback network).
+        host_cmd("ip", &["-n", &sandbox.name, "link", "set", "lo", "up"])?;
+        Ok(sandbox)
     }
 
     pub fn netns_path(&self) -> String {
@@ -159,11 +206,27 @@ impl CniChain {
     /// ADD through the whole chain: each plugin gets the previous one's
     /// result; the first failure ends the chain. Returns every plugin's run.
     pub fn add(&self, container_id: &str, cni_args: &str) -> Result<Vec<PluginRun>> {
+        self.add_in(&self.pod_netns, container_id, cni_args)
+    }
+
+    /// ADD for the pod whose netns is `netns` (a name under /var/run/netns).
+    pub fn add_in(
+        &self,
+        netns: &str,
+        container_id: &str,
+        cni_args: &str,
+    ) -> Result<Vec<PluginRun>> {
         let config = self.active_config()?;
         let mut runs = Vec::new();
         let mut prev: Option<Value> = None;
         for plugin in plugins(&config)? {
-            let run = self.call("ADD", &config, &plugin, prev.take(), container_id, cni_args)?;
+            let call = Call {
+                command: "ADD",
+                netns,
+                container_id,
+                cni_args,
+            };
+            let run = self.call_in(&call, &config, &plugin, prev.take())?;
             let ok = run.status.success();
             if ok {
                 prev = Some(run.json()?);
@@ -179,10 +242,55 @@ impl CniChain {
     /// DEL through the chain in reverse order, every plugin called whatever
     /// the others answered (as libcni does).
     pub fn del(&self, container_id: &str, cni_args: &str) -> Result<Vec<PluginRun>> {
+        self.del_in(&self.pod_netns, container_id, cni_args)
+    }
+
+    /// CHECK for the pod whose netns is `netns`: every plugin in order,
+    /// each with `result` (what ADD returned) as prevResult, as libcni does;
+    /// the first failure ends it.
+    pub fn check_in(
+        &self,
+        netns: &str,
+        container_id: &str,
+        cni_args: &str,
+        result: &Value,
+    ) -> Result<Vec<PluginRun>> {
         let config = self.active_config()?;
+        let call = Call {
+            command: "CHECK",
+            netns,
+            container_id,
+            cni_args,
+        };
+        let mut runs = Vec::new();
+        for plugin in plugins(&config)? {
+            let run = self.call_in(&call, &config, &plugin, Some(result.clone()))?;
+            let ok = run.status.success();
+            runs.push(run);
+            if !ok {
+                break;
+            }
+        }
+        Ok(runs)
+    }
+
+    /// DEL for the pod whose netns is `netns`.
+    pub fn del_in(
+        &self,
+        netns: &str,
+        container_id: &str,
+        cni_args: &str,
+    ) -> Result<Vec<PluginRun>> {
+        let config = self.active_config()?;
+        let call = Call {
+            command: "DEL",
+            netns,
+            container_id,
+            cni_args,
+        };
         let mut runs = Vec::new();
         for plugin in plugins(&config)?.into_iter().rev() {
-            runs.push(self.call("DEL", &config, &plugin, None, container_id, cni_args)?);
+            runs.push(self.call_in(&call, &config, &plugin, None)?);
         }
         Ok(runs)
     }
@@ -197,6 +305,28 @@ impl CniChain {
         container_id: &str,
         cni_args: &str,
     ) -> Result<PluginRun> {
+        let call = Call {
+            command,
+            netns: &self.pod_netns,
+            container_id,
+            cni_args,
+        };
+        self.call_in(&call, list, plugin, prev_result)
+    }
+
+    fn call_in(
+        &self,
+        call: &Call<'_>,
+        list: &Value,
+        plugin: &Value,
+        prev_result: Option<Value>,
+    ) -> Result<PluginRun> {
+        let Call {
+            command,
+            netns,
+            container_id,
+            cni_args,
+        } = *call;
         let kind = plugin["type"].as_str().context("plugin without type")?;
         let mut conf = plugin.clone();
         conf["cniVersion"] = list["cniVersion"].clone();
@@ -223,7 +353,7 @@ impl CniChain {
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container_id)
-            .env("CNI_NETNS", self.netns_path())
+            .env("CNI_NETNS", crate::exec::netns_path(netns))
             .env("CNI_IFNAME", "eth0")
             .env("CNI_ARGS", cni_args)
             .env(
@@ -241,11 +371,17 @@ impl CniChain {
         cmd.stdin(File::open(&input)?)
             .stdout(File::create(&out)?)
             .stderr(File::create(&err)?);
+        let started = Instant::now();
         let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         let deadline = Instant::now() + PLUGIN_TIMEOUT;
         let status = loop {
             if let Some(status) = child.try_wait()? {
                 break status;
+            }
+            // Poll fast at first: ADD latency is measured from here.
+            if started.elapsed() < Duration::from_millis(50) {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -259,8 +395,18 @@ impl CniChain {
             status,
             stdout: fs::read_to_string(&out)?,
             stderr: fs::read_to_string(&err)?,
+            elapsed: started.elapsed(),
         })
     }
+}
+
+/// The per-call CNI_* values.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    command: &'a str,
+    netns: &'a str,
+    container_id: &'a str,
+    cni_args: &'a str,
 }
 
 fn plugins(config: &Value) -> Result<Vec<Value>> {

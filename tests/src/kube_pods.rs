@@ -14,11 +14,31 @@ use anyhow::{Context, Result, ensure};
 
 use crate::{ControlPlane, KubePod, Pod, Testbed, control_plane::Kubectl, exec::Host};
 
-/// Where a pod's sandbox process runs: the pod's netns, kubelet's cgroup.
-struct Sandbox {
-    netns: String,
-    cgroup: PathBuf,
-    label: String,
+/// Where a pod's processes run: the pod's netns, kubelet's cgroup.
+#[derive(Clone, Debug)]
+pub struct Sandbox {
+    pub netns: String,
+    pub cgroup: PathBuf,
+    pub label: String,
+}
+
+impl Sandbox {
+    /// The place of pod `uid` on `node`: netns `netns`, cgroup
+    /// `<node>/kubepods/pod<uid>` (made here), as kubelet names it.
+    pub fn kubelet(tb: &Testbed, node: usize, uid: &str, netns: &str, label: &str) -> Result<Self> {
+        let cgroup = tb
+            .node(node)
+            .cgroup
+            .join("kubepods")
+            .join(format!("pod{uid}"));
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        Ok(Self {
+            netns: netns.into(),
+            cgroup,
+            label: label.into(),
+        })
+    }
 }
 
 impl Host for Sandbox {
@@ -77,18 +97,14 @@ impl Testbed {
         kube: &KubePod,
     ) -> Result<RunningKubePod> {
         let uid = cp.create_pod(namespace, kube)?;
-        let cgroup = self
-            .node(pod.node)
-            .cgroup
-            .join("kubepods")
-            .join(format!("pod{uid}"));
-        std::fs::create_dir_all(&cgroup)
-            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-        let sandbox = Sandbox {
-            netns: pod.netns.clone(),
-            cgroup: cgroup.clone(),
-            label: format!("sandbox-{}", pod.name),
-        };
+        let sandbox = Sandbox::kubelet(
+            self,
+            pod.node,
+            &uid,
+            &pod.netns,
+            &format!("sandbox-{}", pod.name),
+        )?;
+        let cgroup = sandbox.cgroup.clone();
         let sandbox_pid = self.spawn(
             &sandbox,
             &format!("sandbox-{}-{uid}", pod.name),
@@ -154,17 +170,44 @@ impl Testbed {
         extra: &[&str],
     ) -> Result<crate::Agent> {
         self.bridge_api_server(node, cp)?;
-        let kubeconfig = kubeconfig.display().to_string();
-        let node_name = format!("node{node}");
-        let mut args = vec![
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig,
-            "--node-name",
-            &node_name,
-        ];
-        args.extend_from_slice(extra);
+        let mut args = self.kubernetes_agent_args(node, kubeconfig);
+        args.extend(extra.iter().map(ToString::to_string));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.start_agent_with(node, &args)
+    }
+
+    /// Starts the Kubernetes agent of `node` again (the API server is
+    /// already bridged), with the same CNI socket and state dir.
+    pub fn restart_kubernetes_agent(&self, node: usize, kubeconfig: &Path) -> Result<crate::Agent> {
+        let args = self.kubernetes_agent_args(node, kubeconfig);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start_agent_with(node, &args)
+    }
+
+    /// The `ambit run` arguments of a Kubernetes agent on `node`: its node
+    /// name, and a CNI socket and state dir of its own (never the host's).
+    fn kubernetes_agent_args(&self, node: usize, kubeconfig: &Path) -> Vec<String> {
+        vec![
+            "--kubernetes".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--node-name".into(),
+            format!("node{node}"),
+            "--cni-socket".into(),
+            self.cni_socket(node).display().to_string(),
+            "--state-dir".into(),
+            self.state_dir(node).display().to_string(),
+        ]
+    }
+
+    /// The CNI socket of the agent on `node` (the plugin's `agentSocket`).
+    pub fn cni_socket(&self, node: usize) -> PathBuf {
+        self.dir.path().join(format!("run-n{node}/cni.sock"))
+    }
+
+    /// The `--state-dir` of the agent on `node` (CNI records in `pods/`).
+    pub fn state_dir(&self, node: usize) -> PathBuf {
+        self.dir.path().join(format!("run-n{node}"))
     }
 
     /// Spawns a Kubernetes agent on `node` (embedded CA, log
@@ -184,28 +227,20 @@ impl Testbed {
         let pins = node_host.bpf_pin_dir.display().to_string();
         let audit = self.dir.path().join(format!("audit-k8s-n{node}.log"));
         let audit = audit.display().to_string();
-        let kubeconfig = kubeconfig.display().to_string();
-        let node_name = format!("node{node}");
-        let mut cmd = crate::exec::command(
-            &place,
-            &binary,
-            &[
-                "--log-format",
-                "json",
-                "run",
-                "--kubernetes",
-                "--kubeconfig",
-                &kubeconfig,
-                "--node-name",
-                &node_name,
-                "--cgroup-path",
-                &cgroup,
-                "--bpf-pin-dir",
-                &pins,
-                "--audit-log",
-                &audit,
-            ],
-        );
+        let mut args = vec![
+            "--log-format",
+            "json",
+            "run",
+            "--cgroup-path",
+            &cgroup,
+            "--bpf-pin-dir",
+            &pins,
+            "--audit-log",
+            &audit,
+        ];
+        let kubernetes = self.kubernetes_agent_args(node, kubeconfig);
+        args.extend(kubernetes.iter().map(String::as_str));
+        let mut cmd = crate::exec::command(&place, &binary, &args);
         cmd.env("AMBIT_LOG", "info");
         let name = place.label.clone();
         self.spawn_command(&mut cmd, &name)?;

@@ -20,7 +20,7 @@ use std::{
 
 use ambit_testbed::{
     ControlPlane, KubePod, Testbed,
-    cni_chain::{CniChain, PluginRun, SUBNET, cni_binary},
+    cni_chain::{CniChain, PluginRun, SUBNET, cni_binary, k8s_args},
     exec::host_cmd,
 };
 use anyhow::{Context, Result, ensure};
@@ -29,13 +29,6 @@ use serde_json::{Value, json};
 /// A socket path where nothing listens: the agent is down.
 fn absent_socket(tb: &Testbed) -> String {
     tb.dir.path().join("no-agent.sock").display().to_string()
-}
-
-fn k8s_args(namespace: &str, pod: &str, uid: &str) -> String {
-    format!(
-        "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};\
-         K8S_POD_INFRA_CONTAINER_ID=sandbox;K8S_POD_UID={uid}"
-    )
 }
 
 /// A Pod object in `namespace`, Pending as the kubelet finds it before CNI ADD.
@@ -361,6 +354,7 @@ fn protocol_add_sends_the_pod_and_succeeds_once_captured() -> Result<()> {
         "pod": "web-0",
         "uid": "uid-1",
         "ips": [ip],
+        "timeoutMs": 5000,
     });
     ensure!(request == expected, "request {request} != {expected}");
     Ok(())

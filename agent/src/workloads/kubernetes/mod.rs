@@ -12,6 +12,7 @@
 //! back off on errors (kube-runtime's defaults). While the API server is
 //! unreachable nothing is published, so the last known state keeps serving.
 
+pub mod local_pods;
 pub mod netns_locator;
 pub mod probes;
 pub mod services;
@@ -35,10 +36,13 @@ use tokio::sync::watch;
 
 use self::{
     netns_locator::NetnsLocator,
-    store::{KeepLabels, PodRecord, Reduced, reduce_namespace, reduce_pod},
+    store::{KeepLabels, PodRecord, Reduced, reduce_namespace, reduce_node_pod, reduce_pod},
 };
 use super::{Labels, Namespace, NodeWorkloads, Workload, WorkloadFeed, is_enrolled};
-use crate::metrics::{KubernetesMetrics, WatchMetrics};
+use crate::{
+    cni::{CniConfig, records::CniPods},
+    metrics::{KubernetesMetrics, WatchMetrics},
+};
 
 /// How often this node's enrolled pods whose network namespace was not
 /// found yet are looked for again (and found ones checked still there).
@@ -50,6 +54,9 @@ pub struct KubernetesConfig {
     pub kubeconfig: Option<PathBuf>,
     /// This node's name, as in the pods' `spec.nodeName`.
     pub node_name: String,
+    /// The CNI plugin's socket and the records of its ADDs (`None`: pods
+    /// are found through /proc only, once the API reports them Running).
+    pub cni: Option<CniConfig>,
 }
 
 async fn client(config: &KubernetesConfig) -> Result<Client> {
@@ -74,11 +81,13 @@ pub async fn client_for(kubeconfig: Option<&std::path::Path>) -> Result<Client> 
 
 /// Starts the watches and returns at once; the feed's `synced` turns true
 /// when every watch delivered its first full list, and only from then on
-/// are workloads published.
+/// are workloads published. `cni`: the pods the CNI plugin announced, merged
+/// into this node's pods (local_pods.rs).
 pub async fn watch(
     config: &KubernetesConfig,
     metrics: &KubernetesMetrics,
     locator: Arc<dyn NetnsLocator>,
+    cni: Option<watch::Receiver<Arc<CniPods>>>,
 ) -> Result<WorkloadFeed> {
     let client = client(config).await?;
     let node = config.node_name.clone();
@@ -108,8 +117,14 @@ pub async fn watch(
         cluster: Reduced::default(),
         netns: BTreeMap::new(),
         locator,
+        cni: cni
+            .as_ref()
+            .map(|rx| rx.borrow().clone())
+            .unwrap_or_default(),
     };
-    tokio::spawn(run(streams, health, state, tx, synced_tx));
+    // Without CNI a closed channel: its branch is disabled at once.
+    let cni = cni.unwrap_or_else(|| watch::channel(Arc::default()).1);
+    tokio::spawn(run(streams, health, state, cni, tx, synced_tx));
     Ok(WorkloadFeed {
         workloads,
         synced: services::all_synced(vec![synced, services.synced]),
@@ -152,18 +167,20 @@ async fn run(
     mut streams: Streams,
     mut health: [Health; 3],
     mut state: SourceState,
+    mut cni: watch::Receiver<Arc<CniPods>>,
     tx: watch::Sender<NodeWorkloads>,
     synced_tx: watch::Sender<bool>,
 ) {
     let [local_health, cluster_health, namespace_health] = &mut health;
     let mut retry = tokio::time::interval(NETNS_RETRY);
+    let mut cni_open = true;
     loop {
         // Whether this node's pods or their namespaces may have changed
         // (then their network namespaces are looked for).
         let (changed, local_changed) = tokio::select! {
             Some(item) = streams.local.next() => {
                 let changed = local_health.observe(item).is_some_and(|event| {
-                    state.local.apply(event, |pod| reduce_pod(pod, KeepLabels::All))
+                    state.local.apply(event, reduce_node_pod)
                 });
                 (changed, changed)
             }
@@ -179,13 +196,22 @@ async fn run(
                     .is_some_and(|event| state.namespaces.apply(event, reduce_namespace));
                 (changed, changed)
             }
+            changed = cni.changed(), if cni_open => {
+                cni_open = changed.is_ok();
+                state.cni = cni.borrow_and_update().clone();
+                (cni_open, cni_open)
+            }
             _ = retry.tick() => (false, true),
             else => break,
         };
         if !state.synced() {
             continue;
         }
-        let netns_changed = local_changed && state.refresh_netns();
+        // Also at the first sync, whichever watch completed it: pods a
+        // previous agent left pinned must not lose their capture to a first
+        // view that lacks their netns.
+        let first_sync = !*synced_tx.borrow();
+        let netns_changed = (local_changed || first_sync) && state.refresh_netns();
         if changed || netns_changed || !*synced_tx.borrow() {
             let next = state.snapshot();
             tx.send_if_modified(|current| {
@@ -269,6 +295,8 @@ struct SourceState {
     /// Network namespaces found for this node's enrolled pods, by pod uid.
     netns: BTreeMap<String, PathBuf>,
     locator: Arc<dyn NetnsLocator>,
+    /// The CNI plugin's records of this node's pods.
+    cni: Arc<CniPods>,
 }
 
 impl SourceState {
@@ -315,11 +343,13 @@ impl SourceState {
                 labels: labels.clone(),
             })
             .collect();
-        let local = self.local.iter().map(|(key, pod)| {
-            // Not found yet: the control loop fails to capture it and
-            // retries; the next refresh publishes the path.
-            let netns = self.netns.get(&pod.uid).cloned().unwrap_or_default();
-            workload(key, pod, netns)
+        let local = self.local.iter().filter_map(|(key, pod)| {
+            local_pods::merge(&self.cni, pod, self.netns.get(&pod.uid)).map(|(netns, ips)| {
+                Workload {
+                    ips,
+                    ..workload(key, pod, netns)
+                }
+            })
         });
         let remote = self
             .cluster
@@ -406,6 +436,7 @@ mod tests {
             cluster: Reduced::default(),
             netns: BTreeMap::new(),
             locator: Arc::new(NoNetns),
+            cni: Arc::default(),
         };
         let key = |name: &str| ("ns".to_string(), name.to_string());
         state.local.insert_for_test(key("a"), record("n0", "u-a"));

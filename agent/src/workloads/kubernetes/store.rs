@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodStatus};
 use kube::{ResourceExt, runtime::watcher::Event};
 
 use super::probes::reduce_probes;
@@ -43,14 +43,29 @@ pub enum KeepLabels {
 /// (never enrolled), pods not running or without addresses yet, and
 /// terminated ones.
 pub fn reduce_pod(pod: &Pod, keep: KeepLabels) -> Option<PodRecord> {
+    let running = pod.status.as_ref()?.phase.as_deref() == Some("Running");
+    reduce_started(pod, keep).filter(|record| running && !record.ips.is_empty())
+}
+
+/// A pod of this node, also while it starts: Pending and without addresses
+/// at CNI ADD time (the kubelet reports them after the CNI chain ran), when
+/// the CNI record supplies its netns and addresses. `None` for host-network
+/// and terminated pods.
+pub fn reduce_node_pod(pod: &Pod) -> Option<PodRecord> {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if !matches!(phase, None | Some("Pending" | "Running")) {
+        return None;
+    }
+    reduce_started(pod, KeepLabels::All)
+}
+
+fn reduce_started(pod: &Pod, keep: KeepLabels) -> Option<PodRecord> {
     let spec = pod.spec.as_ref()?;
     if spec.host_network == Some(true) {
         return None;
     }
-    let status = pod.status.as_ref()?;
-    if status.phase.as_deref() != Some("Running") {
-        return None;
-    }
+    let empty = PodStatus::default();
+    let status = pod.status.as_ref().unwrap_or(&empty);
     let mut ips: Vec<IpAddr> = status
         .pod_ips
         .iter()
@@ -61,9 +76,6 @@ pub fn reduce_pod(pod: &Pod, keep: KeepLabels) -> Option<PodRecord> {
         .collect();
     ips.sort();
     ips.dedup();
-    if ips.is_empty() {
-        return None;
-    }
     let labels = pod
         .labels()
         .iter()
@@ -182,7 +194,7 @@ impl<T: PartialEq> Reduced<T> {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::{PodIP, PodSpec, PodStatus};
+    use k8s_openapi::api::core::v1::{PodIP, PodSpec};
     use kube::api::ObjectMeta;
 
     use super::*;
@@ -257,6 +269,21 @@ mod tests {
         assert_eq!(local.probes.tcp_socket, [9000]);
         let remote = reduce_pod(&probed, KeepLabels::EnrollmentOnly).unwrap();
         assert!(remote.probes.is_empty());
+    }
+
+    #[test]
+    fn this_nodes_pods_are_kept_from_pending_on() {
+        let pending = reduce_node_pod(&pod("a", "Pending", &[], false)).unwrap();
+        assert!(pending.ips.is_empty());
+        assert_eq!(pending.labels.len(), 2);
+        assert!(reduce_node_pod(&pod("b", "Running", &["198.18.0.11"], false)).is_some());
+        for skipped in [
+            pod("c", "Pending", &[], true),
+            pod("d", "Succeeded", &["198.18.0.13"], false),
+            pod("e", "Failed", &[], false),
+        ] {
+            assert_eq!(reduce_node_pod(&skipped), None, "{skipped:?}");
+        }
     }
 
     fn reduce(p: &Pod) -> Option<PodRecord> {

@@ -1,6 +1,7 @@
 //! The plugin <-> agent protocol: one JSON request line, one JSON response
 //! line over the agent's unix socket (`agentSocket` in the plugin config).
-//! The agent depends on this crate for the types and the line codec.
+//! A crate of its own so that the plugin and the agent share the types and
+//! the codec without either pulling the other in.
 
 use std::{path::Path, time::Duration};
 
@@ -33,6 +34,10 @@ pub struct AgentRequest {
     pub uid: String,
     /// The pod's addresses from the previous plugin's result, without prefix length.
     pub ips: Vec<String>,
+    /// How long the plugin waits for the answer, in milliseconds: the agent
+    /// answers (`error` if it must) before then. 0: the agent's default.
+    #[serde(default)]
+    pub timeout_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,11 +130,12 @@ mod tests {
             pod: "p".into(),
             uid: "u".into(),
             ips: vec!["198.18.0.5".into()],
+            timeout_ms: 30_000,
         };
         let text = serde_json::to_string(&request).unwrap();
         assert_eq!(
             text,
-            r#"{"command":"add","containerId":"c1","netns":"/var/run/netns/x","namespace":"ns","pod":"p","uid":"u","ips":["198.18.0.5"]}"#
+            r#"{"command":"add","containerId":"c1","netns":"/var/run/netns/x","namespace":"ns","pod":"p","uid":"u","ips":["198.18.0.5"],"timeoutMs":30000}"#
         );
         let response: AgentResponse =
             serde_json::from_str(r#"{"status":"not_enrolled","message":"m"}"#).unwrap();
@@ -149,6 +155,7 @@ mod tests {
             pod: "p".into(),
             uid: "u".into(),
             ips: vec![],
+            timeout_ms: 0,
         };
         let err = call(
             &dir.path().join("none.sock"),
