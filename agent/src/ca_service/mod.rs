@@ -50,6 +50,7 @@
 
 mod bootstrap;
 pub mod client;
+pub mod kubernetes;
 mod pem;
 mod protocol;
 mod root_store;

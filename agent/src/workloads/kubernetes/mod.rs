@@ -9,6 +9,7 @@
 //! back off on errors (kube-runtime's defaults). While the API server is
 //! unreachable nothing is published, so the last known state keeps serving.
 
+pub mod cluster_directory;
 pub mod netns_locator;
 pub mod store;
 
@@ -48,7 +49,12 @@ pub struct KubernetesConfig {
 }
 
 async fn client(config: &KubernetesConfig) -> Result<Client> {
-    let client_config = match &config.kubeconfig {
+    client_from(config.kubeconfig.as_deref()).await
+}
+
+/// A client from `kubeconfig`, or the in-cluster configuration.
+pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> Result<Client> {
+    let client_config = match kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -116,7 +122,7 @@ where
 /// default (30 s cap) so that a node agent notices a returning API server
 /// within seconds, not a minute; the jitter still spreads a cluster's
 /// agents apart.
-fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
+pub(crate) fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
     let builder = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
         .with_max_delay(Duration::from_secs(10))

@@ -149,6 +149,10 @@ impl<T: PartialEq> Reduced<T> {
         self.synced
     }
 
+    pub fn get(&self, key: &ObjectKey) -> Option<&T> {
+        self.live.get(key)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&ObjectKey, &T)> {
         self.live.iter()
     }
