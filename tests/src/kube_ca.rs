@@ -13,10 +13,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    Agent, ControlPlane, KubePod, Pod, Testbed,
-    agent::CA_PORT,
-    control_plane::{Kubectl, SERVICE_ACCOUNT_ISSUER},
-    wait_until,
+    Agent, ControlPlane, KubePod, Pod, Testbed, agent::CA_PORT,
+    control_plane::SERVICE_ACCOUNT_ISSUER, wait_until,
 };
 
 /// The release namespace of the tests (docs and chart use the same).
@@ -55,9 +53,16 @@ pub fn install_release(cp: &ControlPlane) -> Result<ReleaseCredentials> {
     })
 }
 
-/// `kubectl` as `kubeconfig`'s user.
-pub fn kubectl_as(kubeconfig: &Path) -> Kubectl {
-    Kubectl::new(kubeconfig)
+impl ControlPlane {
+    /// `kubectl auth can-i VERB RESOURCE -n NS --as WHO`: "yes" or "no"
+    /// (it answers "no" with exit status 1, so the answer is read, not the
+    /// status).
+    pub fn can_i(&self, ns: &str, verb: &str, resource: &str, who: &str) -> Result<String> {
+        let out = self
+            .kubectl
+            .output(&["auth", "can-i", verb, resource, "-n", ns, "--as", who])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
 }
 
 /// A data key of the root Secret, decoded.

@@ -240,6 +240,38 @@ fn the_ca_refuses_tokens_of_another_audience_or_account_and_pods_on_other_nodes(
         Ok::<Value, anyhow::Error>(record)
     };
 
+    // Least privilege (deploy/rbac-ca.yaml): the CA reads and writes its
+    // own Secret and ConfigMap and no other; the agents read the bundle
+    // and no Secret.
+    let as_ca = format!("system:serviceaccount:{RELEASE_NAMESPACE}:ambit-ca");
+    let as_agent = format!("system:serviceaccount:{RELEASE_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}");
+    for (who, verb, resource, want) in [
+        (
+            &as_ca,
+            "create",
+            "tokenreviews.authentication.k8s.io",
+            "yes",
+        ),
+        (&as_ca, "update", "secrets/ambit-ca-root", "yes"),
+        (&as_ca, "get", "secrets/other", "no"),
+        (&as_ca, "list", "secrets", "no"),
+        (&as_ca, "update", "configmaps/ambit-trust-bundle", "yes"),
+        (&as_ca, "update", "configmaps/other", "no"),
+        (&as_ca, "delete", "pods", "no"),
+        (&as_agent, "watch", "configmaps", "yes"),
+        (&as_agent, "get", "secrets/ambit-ca-root", "no"),
+        (&as_agent, "update", "configmaps/ambit-trust-bundle", "no"),
+        (
+            &as_agent,
+            "create",
+            "tokenreviews.authentication.k8s.io",
+            "no",
+        ),
+    ] {
+        let got = cp.can_i(RELEASE_NAMESPACE, verb, resource, who)?;
+        ensure!(got == want, "{who} {verb} {resource}: {got}, want {want}");
+    }
+
     let agent_pod1 = tb.create_agent_pod(&cp, 1, AGENT_SERVICE_ACCOUNT, "main")?;
 
     // A token for another audience: TokenReview does not authenticate it.
@@ -259,6 +291,17 @@ fn the_ca_refuses_tokens_of_another_audience_or_account_and_pods_on_other_nodes(
     let token = tb.write_pod_token(&cp, &impostor, "impostor", CA_AUDIENCE)?;
     refused(&token, "refused node attestation", &|r| {
         field_has(r, "reason", "system:serviceaccount:ambit-system:impostor")
+    })?;
+
+    // The token of an agent pod deleted since: refused.
+    let gone = tb.create_agent_pod(&cp, 1, AGENT_SERVICE_ACCOUNT, "gone")?;
+    let token = tb.write_pod_token(&cp, &gone, AGENT_SERVICE_ACCOUNT, CA_AUDIENCE)?;
+    cp.delete_pod(RELEASE_NAMESPACE, &gone.name)?;
+    // The API server invalidates a token whose bound pod is gone; were it
+    // to pass, the CA's own lookup finds no pod with the bound uid.
+    refused(&token, "refused node attestation", &|r| {
+        field_has(r, "reason", "Token has been invalidated")
+            || field_has(r, "reason", "no longer exists")
     })?;
 
     // The token of node 0's agent pod used on node 1: the CA attests node
