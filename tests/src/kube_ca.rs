@@ -111,8 +111,21 @@ impl Testbed {
     /// [`CA_PORT`]) with the CA's credentials, the API server bridged into
     /// the node; waits until it serves.
     pub fn start_kubernetes_ca(&self, cp: &ControlPlane, kubeconfig: &Path) -> Result<Agent> {
-        self.bridge_api_server(0, cp)?;
-        let node = self.node(0).clone();
+        let daemon = self.spawn_kubernetes_ca(0, cp, kubeconfig)?;
+        daemon.wait_for("CA ready")?;
+        self.wait_for_listener(self.node(0), CA_PORT)?;
+        Ok(daemon)
+    }
+
+    /// Spawns `ambit ca --kubernetes` in `node` without waiting for it.
+    pub fn spawn_kubernetes_ca(
+        &self,
+        node: usize,
+        cp: &ControlPlane,
+        kubeconfig: &Path,
+    ) -> Result<Agent> {
+        self.bridge_api_server(node, cp)?;
+        let node = self.node(node).clone();
         let args: Vec<String> = [
             "--log-format",
             "json",
@@ -135,10 +148,7 @@ impl Testbed {
         ]
         .map(String::from)
         .to_vec();
-        let daemon = self.launch_daemon(&node, "ca", &args, None)?;
-        daemon.wait_for("CA ready")?;
-        self.wait_for_listener(&node, CA_PORT)?;
-        Ok(daemon)
+        self.launch_daemon(&node, "ca", &args, None)
     }
 
     /// Creates the agent pod of `node` in the release namespace, running as

@@ -333,3 +333,39 @@ fn the_ca_refuses_tokens_of_another_audience_or_account_and_pods_on_other_nodes(
     wait_for_svid(&agent, &id_b)?;
     Ok(())
 }
+
+#[test]
+fn two_cas_starting_at_once_keep_one_root() -> Result<()> {
+    let cp = ControlPlane::start()?;
+    let release = install_release(&cp)?;
+    let tb = Testbed::new(2)?;
+    // Bridged first, so that both CAs start as close together as possible.
+    tb.bridge_api_server(0, &cp)?;
+    tb.bridge_api_server(1, &cp)?;
+    let cas = [
+        tb.spawn_kubernetes_ca(0, &cp, &release.ca_kubeconfig)?,
+        tb.spawn_kubernetes_ca(1, &cp, &release.ca_kubeconfig)?,
+    ];
+    for ca in &cas {
+        ca.wait_for("CA ready")?;
+    }
+    let created: Vec<bool> = cas
+        .iter()
+        .map(|ca| ca.records("CA root kept in a Secret")[0]["created"] == true)
+        .collect();
+    ensure!(
+        created.iter().filter(|c| **c).count() == 1,
+        "not exactly one CA made the root: {created:?}"
+    );
+    let raced = cas.iter().any(|ca| {
+        !ca.records("another CA stored a root first; reading it")
+            .is_empty()
+    });
+    eprintln!("the losing CA's create conflicted (the race happened): {raced}");
+    let root = secret_value(&cp, "root.pem")?.context("no root.pem")?;
+    ensure!(
+        certificates(&published_bundle(&cp)?) == certificates(&root),
+        "the published bundle is not the one kept root"
+    );
+    Ok(())
+}
