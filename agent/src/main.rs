@@ -291,6 +291,10 @@ struct CaArgs {
     /// any other are refused.
     #[arg(long, default_value = "ambit-agent")]
     agent_service_account: String,
+    /// TTL of a node credential obtained by attestation, in seconds; agents
+    /// attest again (re-reading their token) at half of it.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(60..=86400))]
+    attested_node_ttl_secs: u64,
 }
 
 #[derive(Args)]
@@ -463,6 +467,7 @@ fn ca(args: CaArgs) -> anyhow::Result<()> {
         svid_ttl: Duration::from_secs(args.svid_ttl_secs),
         reload_interval: Duration::from_millis(args.reload_interval_ms),
         root_dir: args.root_dir,
+        attested_node_ttl: Duration::from_secs(args.attested_node_ttl_secs),
         ..base
     };
     tokio::runtime::Runtime::new()?.block_on(async {

@@ -111,18 +111,30 @@ impl Testbed {
     /// [`CA_PORT`]) with the CA's credentials, the API server bridged into
     /// the node; waits until it serves.
     pub fn start_kubernetes_ca(&self, cp: &ControlPlane, kubeconfig: &Path) -> Result<Agent> {
-        let daemon = self.spawn_kubernetes_ca(0, cp, kubeconfig)?;
+        self.start_kubernetes_ca_with(cp, kubeconfig, &[])
+    }
+
+    /// [`Self::start_kubernetes_ca`] with extra `ambit ca` arguments.
+    pub fn start_kubernetes_ca_with(
+        &self,
+        cp: &ControlPlane,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let daemon = self.spawn_kubernetes_ca(0, cp, kubeconfig, extra)?;
         daemon.wait_for("CA ready")?;
         self.wait_for_listener(self.node(0), CA_PORT)?;
         Ok(daemon)
     }
 
-    /// Spawns `ambit ca --kubernetes` in `node` without waiting for it.
+    /// Spawns `ambit ca --kubernetes ...EXTRA` in `node` without waiting
+    /// for it.
     pub fn spawn_kubernetes_ca(
         &self,
         node: usize,
         cp: &ControlPlane,
         kubeconfig: &Path,
+        extra: &[&str],
     ) -> Result<Agent> {
         self.bridge_api_server(node, cp)?;
         let node = self.node(node).clone();
@@ -148,6 +160,10 @@ impl Testbed {
         ]
         .map(String::from)
         .to_vec();
+        let args: Vec<String> = args
+            .into_iter()
+            .chain(extra.iter().map(|a| a.to_string()))
+            .collect();
         self.launch_daemon(&node, "ca", &args, None)
     }
 

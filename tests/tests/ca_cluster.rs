@@ -217,7 +217,14 @@ fn the_ca_refuses_tokens_of_another_audience_or_account_and_pods_on_other_nodes(
         .run(&["label", "namespace", &ns, &format!("{MESH}=enabled")])?;
     let mut tb = Testbed::new(2)?;
     let b = tb.add_pod(1, "b")?;
-    let ca = tb.start_kubernetes_ca(&cp, &release.ca_kubeconfig)?;
+    // Short lifetimes, so that renewals (and re-attestation) happen within
+    // the test: certificates start 60 s in the past (clock skew), so a TTL
+    // of 120 s means renewal 30 s after issue.
+    let ca = tb.start_kubernetes_ca_with(
+        &cp,
+        &release.ca_kubeconfig,
+        &["--svid-ttl-secs", "120", "--attested-node-ttl-secs", "120"],
+    )?;
     tb.run_kube_pod(&cp, &ns, &b, &kube_pod(&b, &tb, "b"))?;
     let ca_addr = format!("{}:{CA_PORT}", tb.node(0).link_ipv4);
     let kubeconfig = &release.agent_kubeconfig;
@@ -331,6 +338,19 @@ fn the_ca_refuses_tokens_of_another_audience_or_account_and_pods_on_other_nodes(
     let token = tb.write_pod_token(&cp, &agent_pod1, AGENT_SERVICE_ACCOUNT, CA_AUDIENCE)?;
     let agent = tb.start_attesting_agent(1, &cp, kubeconfig, &ca_addr, &token)?;
     wait_for_svid(&agent, &id_b)?;
+
+    // The kubelet rotates the token file (here: a token of a newer agent
+    // pod on the same node). The agent re-reads it when it attests again,
+    // at the node credential's half life, before renewing b's SVID.
+    let newer = tb.create_agent_pod(&cp, 1, AGENT_SERVICE_ACCOUNT, "newer")?;
+    let rotated = tb.write_pod_token(&cp, &newer, AGENT_SERVICE_ACCOUNT, CA_AUDIENCE)?;
+    std::fs::rename(&rotated, &token)?;
+    wait_for_record(&ca, "node attested", secs(60), |r| {
+        field_has(r, "pod", &newer.name) && field_is(r, "node", "node1")
+    })?;
+    wait_for_record(&agent, "svid rotated", secs(30), |r| {
+        field_is(r, "spiffe_id", &id_b)
+    })?;
     Ok(())
 }
 
@@ -343,8 +363,8 @@ fn two_cas_starting_at_once_keep_one_root() -> Result<()> {
     tb.bridge_api_server(0, &cp)?;
     tb.bridge_api_server(1, &cp)?;
     let cas = [
-        tb.spawn_kubernetes_ca(0, &cp, &release.ca_kubeconfig)?,
-        tb.spawn_kubernetes_ca(1, &cp, &release.ca_kubeconfig)?,
+        tb.spawn_kubernetes_ca(0, &cp, &release.ca_kubeconfig, &[])?,
+        tb.spawn_kubernetes_ca(1, &cp, &release.ca_kubeconfig, &[])?,
     ];
     for ca in &cas {
         ca.wait_for("CA ready")?;
