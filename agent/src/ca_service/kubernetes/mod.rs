@@ -75,10 +75,12 @@ pub async fn start(
     let mut roots = vec![kept.ca.root_certificate().clone()];
     roots.extend(kept.extra_roots);
     let bundle = trust_bundle::bundle_pem(&roots);
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), namespace);
     let updated = trust_bundle::publish(
-        &Api::<ConfigMap>::namespaced(client.clone(), namespace),
+        &config_maps,
         &config.bundle_configmap,
         &bundle,
+        trust_bundle::Publish::Replace,
     )
     .await
     .with_context(|| {
@@ -94,6 +96,11 @@ pub async fn start(
         updated,
         "trust bundle published"
     );
+    tokio::spawn(trust_bundle::keep_published(
+        config_maps,
+        config.bundle_configmap.clone(),
+        bundle,
+    ));
     // The CA has no admin server: its watch counters are only logged.
     let metrics = KubernetesMetrics::register(&prometheus::Registry::new())
         .context("registering the Kubernetes metrics")?;

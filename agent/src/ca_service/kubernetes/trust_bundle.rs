@@ -53,10 +53,24 @@ pub fn parse_bundle(trust_domain: &TrustDomain, text: &str) -> Result<TrustBundl
     Ok(bundles)
 }
 
-/// Makes ConfigMap `name` hold `bundle` (created if missing, left alone
-/// if it already does). Updates carry the resourceVersion read, so a
+/// Whether [`publish`] replaces a different bundle or only fills in a
+/// missing one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Publish {
+    Replace,
+    IfMissing,
+}
+
+/// Makes ConfigMap `name` hold `bundle` (created if missing; with
+/// [`Publish::IfMissing`] a different bundle is left alone). Returns
+/// whether it wrote. Updates carry the resourceVersion read, so a
 /// concurrent writer is noticed and the write retried on fresh data.
-pub async fn publish(api: &Api<ConfigMap>, name: &str, bundle: &str) -> Result<bool, kube::Error> {
+pub async fn publish(
+    api: &Api<ConfigMap>,
+    name: &str,
+    bundle: &str,
+    mode: Publish,
+) -> Result<bool, kube::Error> {
     let mut last = None;
     for _ in 0..ATTEMPTS {
         let written = match api.get_opt(name).await? {
@@ -65,7 +79,7 @@ pub async fn publish(api: &Api<ConfigMap>, name: &str, bundle: &str) -> Result<b
                     .data
                     .as_ref()
                     .and_then(|data| data.get(BUNDLE_KEY))
-                    .is_some_and(|current| current == bundle) =>
+                    .is_some_and(|current| current == bundle || mode == Publish::IfMissing) =>
             {
                 return Ok(false);
             }
@@ -102,6 +116,25 @@ pub async fn publish(api: &Api<ConfigMap>, name: &str, bundle: &str) -> Result<b
         }
     }
     Err(last.expect("ATTEMPTS > 0"))
+}
+
+/// How often the CA checks that its bundle is still the published one.
+const REPUBLISH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Puts `bundle` back if the ConfigMap (or its key) was deleted, checked
+/// every minute. A different bundle is left alone: during a rolling update
+/// the old CA must not undo the bundle a new CA (a rotated root) published.
+pub async fn keep_published(api: Api<ConfigMap>, name: String, bundle: String) {
+    loop {
+        tokio::time::sleep(REPUBLISH_INTERVAL).await;
+        match publish(&api, &name, &bundle, Publish::IfMissing).await {
+            Ok(false) => {}
+            Ok(true) => tracing::warn!(configmap = %name,
+                "the trust bundle ConfigMap was deleted; published the CA's bundle again"),
+            Err(e) => tracing::warn!(configmap = %name, error = %e,
+                "cannot check the trust bundle ConfigMap; retrying in a minute"),
+        }
+    }
 }
 
 /// The bundle in ConfigMap `name` once it exists and is valid (waiting
