@@ -157,6 +157,7 @@ async fn workload_feed(config: &RunConfig, metrics: &Metrics) -> Result<Workload
         WorkloadSource::File(path) => WorkloadFeed {
             workloads: workloads::file::watch(path, config.reload_interval)?,
             synced: watch::channel(true).1,
+            services: watch::channel(Arc::default()).1,
         },
         WorkloadSource::Kubernetes(kubernetes) => {
             let watch_metrics = KubernetesMetrics::register(metrics.registry())
@@ -180,6 +181,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let WorkloadFeed {
         mut workloads,
         mut synced,
+        services,
     } = workload_feed(&config, &metrics).await?;
     // Before the first sync of Kubernetes this has only the node name.
     let initial = workloads.borrow_and_update().clone();
@@ -205,6 +207,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         svids: Arc::new(svids),
         trust_domain,
         directory: directory_rx,
+        services,
         pool,
         metrics: Arc::clone(&metrics),
     });
@@ -318,6 +321,7 @@ impl Agent {
     fn reconcile(&mut self, desired: &NodeWorkloads) {
         self.directory.send_if_modified(|current| {
             let next = Directory::build(desired, &self.mesh.trust_domain);
+            self.state.metrics.set_mesh_destinations(next.len());
             let changed = **current != next;
             *current = Arc::new(next);
             changed
@@ -486,6 +490,7 @@ impl Agent {
             pod: Arc::clone(&ctx),
             capture: Arc::clone(&self.capture),
             mesh: Arc::clone(&self.mesh),
+            audit: Arc::clone(&self.gate.audit),
         });
         let port = self.config.capture.outbound_port;
         for ip in [

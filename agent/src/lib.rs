@@ -19,6 +19,7 @@ pub mod pod;
 pub mod policy;
 pub mod preflight;
 pub mod proxy;
+pub mod services;
 pub mod svids;
 pub mod telemetry;
 pub mod tunnel;

@@ -1,6 +1,6 @@
 //! What the proxy's handlers share about the mesh: who is where, the
-//! identities of this node's workloads, the trust bundle, and the pool of
-//! tunnels to other workloads.
+//! identities of this node's workloads, the trust bundle, the Services of
+//! the cluster, and the pool of tunnels to other workloads.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use crate::{
     identity::{SpiffeId, TrustBundles, TrustDomain},
     metrics::Metrics,
+    services::ServiceTable,
     svids::SvidStore,
     tunnel::TunnelPool,
     workloads::directory::Directory,
@@ -27,6 +28,8 @@ pub struct TunnelKey {
 pub struct Mesh {
     pub trust_domain: TrustDomain,
     pub directory: watch::Receiver<Arc<Directory>>,
+    /// ClusterIPs and their ready endpoints.
+    pub services: watch::Receiver<Arc<ServiceTable>>,
     pub svids: Arc<SvidStore>,
     pub bundles: Arc<TrustBundles>,
     pub pool: TunnelPool<TunnelKey>,

@@ -34,7 +34,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 pub use kubectl::{Kubectl, Watch, WatchEvent};
-pub use kubelet::KubePod;
+pub use kubelet::{KubePod, ServicePort, endpoints_object};
 
 use crate::exec::host_cmd;
 
@@ -311,7 +311,7 @@ impl ControlPlane {
     }
 
     /// A new file name in this control plane's directory.
-    fn scratch_file(&self, name: &str) -> PathBuf {
+    pub(crate) fn scratch_file(&self, name: &str) -> PathBuf {
         let n = self.next_file.fetch_add(1, Ordering::Relaxed);
         self.dir.join(format!("{n}-{name}"))
     }
@@ -320,18 +320,23 @@ impl ControlPlane {
     /// The server alone validates (kubectl's own schema check is off), as
     /// it would for any other client.
     pub fn create(&self, object: &Value) -> Result<Value> {
+        self.submit("create", object)
+    }
+
+    /// `kubectl replace -f` of one object (an unconditional update for
+    /// kinds that allow it, such as Endpoints); returns what was stored.
+    pub fn replace(&self, object: &Value) -> Result<Value> {
+        self.submit("replace", object)
+    }
+
+    fn submit(&self, verb: &str, object: &Value) -> Result<Value> {
         let file = self.scratch_file("object.json");
         fs::write(&file, serde_json::to_vec(object)?)?;
         self.kubectl
-            .json(&[
-                "create",
-                "--validate=false",
-                "-f",
-                &file.display().to_string(),
-            ])
+            .json(&[verb, "--validate=false", "-f", &file.display().to_string()])
             .with_context(|| {
                 format!(
-                    "creating {} {}",
+                    "{verb} {} {}",
                     object["kind"],
                     object["metadata"]["name"].as_str().unwrap_or("")
                 )

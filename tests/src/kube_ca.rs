@@ -1,6 +1,6 @@
 //! `ambit ca --kubernetes` in the testbed: the release namespace
-//! `ambit-system` with the RBAC of deploy/rbac-agent.yaml and
-//! deploy/rbac-ca.yaml, the CA on node 0 with its ServiceAccount's token,
+//! `ambit-system` with the chart's ServiceAccounts and RBAC
+//! (tests/src/chart.rs), the CA on node 0 with its ServiceAccount's token,
 //! and agents that attest with a projected token bound to their own
 //! "DaemonSet pod" (a Pod object on their node, which the testbed creates
 //! as a DaemonSet controller and scheduler would).
@@ -12,16 +12,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{
-    Agent, ControlPlane, KubePod, Pod, Testbed, agent::CA_PORT,
-    control_plane::SERVICE_ACCOUNT_ISSUER, wait_until,
-};
+pub use crate::chart::{AGENT_SERVICE_ACCOUNT, CA_SERVICE_ACCOUNT, RELEASE_NAMESPACE};
+use crate::{Agent, ControlPlane, KubePod, Pod, Testbed, agent::CA_PORT, wait_until};
 
-/// The release namespace of the tests (docs and chart use the same).
-pub const RELEASE_NAMESPACE: &str = "ambit-system";
 /// The audience of agent tokens the CA accepts.
 pub const CA_AUDIENCE: &str = "ambit-ca";
-pub const AGENT_SERVICE_ACCOUNT: &str = "ambit-agent";
 pub const ROOT_SECRET: &str = "ambit-ca-root";
 pub const BUNDLE_CONFIGMAP: &str = "ambit-trust-bundle";
 
@@ -31,38 +26,13 @@ pub struct ReleaseCredentials {
     pub ca_kubeconfig: PathBuf,
 }
 
-/// Creates the release namespace, applies the shipped RBAC, and returns
-/// kubeconfigs with tokens of the agent's and the CA's ServiceAccounts.
+/// Installs the chart's ServiceAccounts and RBAC in the release namespace
+/// and returns kubeconfigs with tokens of the agent's and the CA's.
 pub fn install_release(cp: &ControlPlane) -> Result<ReleaseCredentials> {
-    cp.kubectl
-        .run(&["create", "namespace", RELEASE_NAMESPACE])?;
-    for manifest in ["rbac-agent.yaml", "rbac-ca.yaml"] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../deploy")
-            .join(manifest);
-        cp.kubectl
-            .run(&["apply", "-f", &path.display().to_string()])?;
-    }
-    let kubeconfig = |account: &str| -> Result<PathBuf> {
-        let token = cp.request_token(RELEASE_NAMESPACE, account, SERVICE_ACCOUNT_ISSUER, None)?;
-        cp.write_kubeconfig(account, &token)
-    };
     Ok(ReleaseCredentials {
-        agent_kubeconfig: kubeconfig(AGENT_SERVICE_ACCOUNT)?,
-        ca_kubeconfig: kubeconfig("ambit-ca")?,
+        agent_kubeconfig: cp.chart_kubeconfig(AGENT_SERVICE_ACCOUNT)?,
+        ca_kubeconfig: cp.chart_kubeconfig(CA_SERVICE_ACCOUNT)?,
     })
-}
-
-impl ControlPlane {
-    /// `kubectl auth can-i VERB RESOURCE -n NS --as WHO`: "yes" or "no"
-    /// (it answers "no" with exit status 1, so the answer is read, not the
-    /// status).
-    pub fn can_i(&self, ns: &str, verb: &str, resource: &str, who: &str) -> Result<String> {
-        let out = self
-            .kubectl
-            .output(&["auth", "can-i", verb, resource, "-n", ns, "--as", who])?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
 }
 
 /// A data key of the root Secret, decoded.

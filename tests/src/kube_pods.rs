@@ -10,9 +10,9 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
-use crate::{ControlPlane, KubePod, Pod, Testbed, exec::Host};
+use crate::{ControlPlane, KubePod, Pod, Testbed, control_plane::Kubectl, exec::Host};
 
 /// Where a pod's sandbox process runs: the pod's netns, kubelet's cgroup.
 struct Sandbox {
@@ -48,6 +48,22 @@ pub fn kube_pod(pod: &Pod, tb: &Testbed, service_account: &str) -> KubePod {
     let mut kube = KubePod::for_pod(pod, tb.node(pod.node), service_account);
     kube.node_name = format!("node{}", pod.node);
     kube
+}
+
+/// The agent's credentials: the Helm chart's `ambit-agent` ServiceAccount
+/// and RBAC (tests/src/chart.rs) and a token for it, not an admin's. Checks
+/// the least privilege: it reads pods, never secrets.
+pub fn agent_kubeconfig(cp: &ControlPlane) -> Result<PathBuf> {
+    let kubeconfig = cp.chart_kubeconfig(crate::chart::AGENT_SERVICE_ACCOUNT)?;
+    let as_agent = Kubectl::new(&kubeconfig);
+    as_agent.run(&["get", "pods", "--all-namespaces"])?;
+    ensure!(
+        as_agent
+            .run(&["get", "secrets", "--all-namespaces"])
+            .is_err(),
+        "the agent's token can read secrets"
+    );
+    Ok(kubeconfig)
 }
 
 impl Testbed {

@@ -15,6 +15,7 @@
 //! are swept by the next testbed.
 
 pub mod agent;
+pub mod chart;
 mod cleanup;
 pub mod cni_chain;
 pub mod control_plane;

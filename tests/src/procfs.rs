@@ -12,13 +12,23 @@ pub fn fd_count(pid: u32) -> Result<usize> {
 
 /// Resident memory of `pid` (VmRSS), in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
+    status_field(pid, "VmRSS:")
+}
+
+/// Threads of `pid`.
+pub fn threads(pid: u32) -> Result<u64> {
+    status_field(pid, "Threads:")
+}
+
+/// A numeric field of /proc/PID/status (a trailing "kB" ignored).
+fn status_field(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// Descriptors and memory of a process at one moment.

@@ -1,5 +1,5 @@
-//! `ambit ca --kubernetes` end to end: a real API server, the shipped RBAC
-//! (deploy/rbac-agent.yaml, deploy/rbac-ca.yaml), the CA with its root in a
+//! `ambit ca --kubernetes` end to end: a real API server, the chart's
+//! ServiceAccounts and RBAC (tests/src/chart.rs), the CA with its root in a
 //! Secret and its bundle in a ConfigMap, and agents on two simulated nodes
 //! that attest with projected tokens bound to their own pods.
 
@@ -246,38 +246,6 @@ fn the_ca_refuses_tokens_of_another_audience_or_account_and_pods_on_other_nodes(
         agent.stop_with(libc::SIGTERM)?;
         Ok::<Value, anyhow::Error>(record)
     };
-
-    // Least privilege (deploy/rbac-ca.yaml): the CA reads and writes its
-    // own Secret and ConfigMap and no other; the agents read the bundle
-    // and no Secret.
-    let as_ca = format!("system:serviceaccount:{RELEASE_NAMESPACE}:ambit-ca");
-    let as_agent = format!("system:serviceaccount:{RELEASE_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}");
-    for (who, verb, resource, want) in [
-        (
-            &as_ca,
-            "create",
-            "tokenreviews.authentication.k8s.io",
-            "yes",
-        ),
-        (&as_ca, "update", "secrets/ambit-ca-root", "yes"),
-        (&as_ca, "get", "secrets/other", "no"),
-        (&as_ca, "list", "secrets", "no"),
-        (&as_ca, "update", "configmaps/ambit-trust-bundle", "yes"),
-        (&as_ca, "update", "configmaps/other", "no"),
-        (&as_ca, "delete", "pods", "no"),
-        (&as_agent, "watch", "configmaps", "yes"),
-        (&as_agent, "get", "secrets/ambit-ca-root", "no"),
-        (&as_agent, "update", "configmaps/ambit-trust-bundle", "no"),
-        (
-            &as_agent,
-            "create",
-            "tokenreviews.authentication.k8s.io",
-            "no",
-        ),
-    ] {
-        let got = cp.can_i(RELEASE_NAMESPACE, verb, resource, who)?;
-        ensure!(got == want, "{who} {verb} {resource}: {got}, want {want}");
-    }
 
     let agent_pod1 = tb.create_agent_pod(&cp, 1, AGENT_SERVICE_ACCOUNT, "main")?;
 

@@ -5,7 +5,11 @@
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
-use ambit_testbed::{ControlPlane, KubePod, Testbed, control_plane::Watch, wait_until};
+use ambit_testbed::{
+    ControlPlane, KubePod, Testbed,
+    control_plane::{ServicePort, Watch},
+    wait_until,
+};
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 
@@ -98,7 +102,12 @@ fn pods_of_netns_pods_are_watched_by_node_and_label() -> Result<()> {
     );
 
     // Services take ClusterIPs from the test range; Endpoints are served.
-    let ip = cp.create_service(&ns, "web", &[("app", "web")], &[(80, 8080)])?;
+    let ip = cp.create_service(
+        &ns,
+        "web",
+        &[("app", "web")],
+        &[ServicePort::new("http", 80, 8080)],
+    )?;
     let IpAddr::V4(v4) = ip else {
         anyhow::bail!("ClusterIP {ip} is not IPv4");
     };
@@ -106,7 +115,7 @@ fn pods_of_netns_pods_are_watched_by_node_and_label() -> Result<()> {
         v4.octets()[..2] == [198, 19],
         "ClusterIP {ip} outside 198.19.0.0/16"
     );
-    cp.create_endpoints(&ns, "web", &[web.ipv4.into()], &[8080])?;
+    cp.create_endpoints(&ns, "web", &[web.ipv4.into()], &[], &[("http", 8080)])?;
     let endpoints = cp.kubectl.json(&["get", "endpoints", "web", "-n", &ns])?;
     ensure!(
         endpoints["subsets"][0]["addresses"][0]["ip"] == web.ipv4.to_string(),

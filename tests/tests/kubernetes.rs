@@ -1,15 +1,17 @@
 //! The agent's Kubernetes workload source end to end: a real API server
 //! (tests/src/control_plane.rs), two simulated nodes whose pods the testbed
 //! runs as kubelet would (tests/src/kube_pods.rs), agents started with a
-//! least-privilege service-account token (deploy/rbac-agent.yaml), and
+//! least-privilege service-account token (the Helm chart's RBAC), and
 //! `ambit ca` issuing SVIDs from its directory file. Enrollment follows
 //! labels set with kubectl, verified on the wire between the nodes.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use ambit_testbed::{
-    ControlPlane, Pod, Testbed, WorkloadEntry, agent::Agent, control_plane::SERVICE_ACCOUNT_ISSUER,
-    kube_pods::kube_pod, wait_until,
+    ControlPlane, Pod, Testbed, WorkloadEntry,
+    agent::Agent,
+    kube_pods::{agent_kubeconfig, kube_pod},
+    wait_until,
 };
 use anyhow::{Context, Result, ensure};
 
@@ -75,35 +77,6 @@ fn label(cp: &ControlPlane, args: &[&str]) -> Result<()> {
     all.extend_from_slice(args);
     cp.kubectl.run(&all)?;
     Ok(())
-}
-
-fn vm_rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
-}
-
-/// The agent's credentials: the ServiceAccount of deploy/rbac-agent.yaml
-/// and a token for it (not an admin).
-fn agent_kubeconfig(cp: &ControlPlane) -> Result<PathBuf> {
-    cp.kubectl.run(&["create", "namespace", "ambit-system"])?;
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac-agent.yaml");
-    cp.kubectl.run(&["apply", "-f", manifest])?;
-    let token = cp.request_token("ambit-system", "ambit-agent", SERVICE_ACCOUNT_ISSUER, None)?;
-    let kubeconfig = cp.write_kubeconfig("ambit-agent", &token)?;
-    // Least privilege: it may read pods, never secrets.
-    let as_agent = ambit_testbed::control_plane::Kubectl::new(&kubeconfig);
-    as_agent.run(&["get", "pods", "--all-namespaces"])?;
-    ensure!(
-        as_agent
-            .run(&["get", "secrets", "--all-namespaces"])
-            .is_err(),
-        "the agent's token can read secrets"
-    );
-    Ok(kubeconfig)
 }
 
 #[test]
@@ -231,7 +204,7 @@ fn namespace_and_pod_labels_enroll_pods_on_both_nodes_and_survive_an_api_outage(
         eprintln!(
             "{}: VmRSS {} KiB after the test",
             agent.name,
-            vm_rss_kib(agent.pid)?
+            ambit_testbed::procfs::rss_kib(agent.pid)?
         );
     }
     Ok(())

@@ -93,7 +93,7 @@ fn progress(started: Instant, what: &str) {
     );
 }
 
-fn remove_dir_if_present(dir: &Path) -> Result<()> {
+pub(crate) fn remove_dir_if_present(dir: &Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("removing {}", dir.display()))
@@ -189,7 +189,7 @@ fn fetch_kubernetes_source(apt: &ScratchApt, work: &Path) -> Result<PathBuf> {
     Ok(tree)
 }
 
-fn find_one(dir: &Path, matches: impl Fn(&str) -> bool) -> Result<PathBuf> {
+pub(crate) fn find_one(dir: &Path, matches: impl Fn(&str) -> bool) -> Result<PathBuf> {
     let found: Vec<PathBuf> = fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(Result::ok)
@@ -245,7 +245,7 @@ fn build_apiserver(tree: &Path, goroot: &Path, work: &Path) -> Result<PathBuf> {
 
 /// Copies under a temporary name and renames, so an interrupted copy is
 /// never taken for a cached binary.
-fn install_binary(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn install_binary(from: &Path, to: &Path) -> Result<()> {
     let partial = to.with_extension("partial");
     fs::copy(from, &partial)
         .with_context(|| format!("copying {} to {}", from.display(), partial.display()))?;

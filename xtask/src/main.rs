@@ -1,6 +1,8 @@
-//! `cargo xtask setup | test | demo | bench`: everything a fresh machine
+//! `cargo xtask setup | test | demo | bench | render-manifests`: everything a fresh machine
 //! needs, in one place.
 
+mod deploy;
+mod helm;
 mod kube;
 mod setup;
 
@@ -30,6 +32,10 @@ enum Task {
     Demo,
     /// Run the mesh benchmark (plain vs captured traffic) and criterion benches.
     Bench,
+    /// Render deploy/manifests/ambit.yaml from the Helm chart in deploy/chart.
+    RenderManifests,
+    /// Lint and validate the Helm chart offline (part of `test`).
+    CheckDeploy,
 }
 
 fn main() -> Result<()> {
@@ -38,6 +44,8 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo => run_with_release_agent("ambit-testbed", "ambit-demo"),
         Task::Bench => run_with_release_agent("ambit-benches", "mesh-bench"),
+        Task::RenderManifests => deploy::render_manifests(),
+        Task::CheckDeploy => deploy::check(),
     }
 }
 
@@ -68,6 +76,7 @@ fn test(extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    deploy::check()?;
     exec(cargo().args(["build", "--workspace", "--bins"]))?;
     exec(
         cargo()

@@ -40,6 +40,7 @@ pub fn run() -> Result<()> {
     let mut did = Vec::new();
     install_packages(&mut did)?;
     crate::kube::ensure(&mut did)?;
+    crate::helm::ensure(&mut did)?;
     rustup_components(&mut did)?;
     cargo_tools(&mut did)?;
     python_tools(&mut did)?;
@@ -124,20 +125,43 @@ fn rustup_components(did: &mut Vec<String>) -> Result<()> {
     Ok(())
 }
 
-fn on_path(binary: &str) -> bool {
+pub(crate) fn on_path(binary: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {binary}")])
         .output()
         .is_ok_and(|o| o.status.success())
 }
 
-/// sslyze (a TLS scanner the tests run) is published on PyPI only.
+/// Tools published on PyPI only: sslyze (a TLS scanner the tests run), and
+/// the offline manifest checks `cargo xtask test` runs on deploy/
+/// (kubernetes-validate ships the Kubernetes JSON schemas; yamllint).
+/// Pinned, so every machine validates against the same schemas.
+const PYTHON_TOOLS: &[(&str, &str, &str)] = &[
+    ("sslyze", "sslyze", ""),
+    ("kubernetes-validate", "kubernetes-validate", "1.37.0"),
+    ("yamllint", "yamllint", "1.38.0"),
+];
+
 fn python_tools(did: &mut Vec<String>) -> Result<()> {
-    if !on_path("sslyze") {
-        exec(Command::new("python3").args(["-m", "pip", "install", "-q", "sslyze"]))?;
-        did.push("installed sslyze".into());
+    for (package, binary, version) in PYTHON_TOOLS {
+        let wanted = version.is_empty() || installed_version(binary).contains(version);
+        if on_path(binary) && wanted {
+            continue;
+        }
+        let spec = if version.is_empty() {
+            (*package).to_string()
+        } else {
+            format!("{package}=={version}")
+        };
+        exec(Command::new("python3").args(["-m", "pip", "install", "-q", &spec]))?;
+        did.push(format!("installed {spec}"));
     }
     Ok(())
+}
+
+/// What `BINARY --version` prints (empty if it does not run).
+fn installed_version(binary: &str) -> String {
+    output(Command::new(binary).arg("--version")).unwrap_or_default()
 }
 
 fn cargo_tools(did: &mut Vec<String>) -> Result<()> {

@@ -58,7 +58,7 @@ use std::{io, path::PathBuf};
 pub use chain::GENESIS_HASH;
 pub use file_sink::{GENERATIONS, generation};
 pub use limiter::LimiterConfig;
-pub use record::{AuditRecord, Decision, Destination, Direction, Event, Source};
+pub use record::{AuditRecord, Decision, Destination, Direction, Event, Service, Source};
 pub use timestamp::{format_rfc3339, now_rfc3339};
 pub use verify::{
     ChainError, ExpectedStart, FileSummary, FirstRecord, Gap, Problem, Start, Summary, verify_files,

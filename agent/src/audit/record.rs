@@ -85,6 +85,18 @@ pub struct Destination {
     pub port: u16,
 }
 
+/// The Kubernetes Service an outbound connection was made to: what the
+/// application dialled, before the agent picked an endpoint (the record's
+/// `destination`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// `namespace/name`.
+    pub name: String,
+    /// The ClusterIP and service port dialled.
+    pub address: IpAddr,
+    pub port: u16,
+}
+
 /// One line of the audit log.
 ///
 /// Field order is the order of the JSON members on disk and is part of the
@@ -113,6 +125,9 @@ pub struct AuditRecord {
     pub source: Option<Source>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<Destination>,
+    /// Connections to a Service ClusterIP: the service dialled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Service>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
     /// `namespace/name` of the policy that decided, if any (absent when the
@@ -208,6 +223,7 @@ impl AuditRecord {
             direction: None,
             source: None,
             destination: None,
+            service: None,
             decision: None,
             policy: None,
             rule: None,

@@ -130,6 +130,25 @@ fn plaintext_source_has_no_spiffe_id_member() {
 }
 
 #[test]
+fn the_service_dialled_follows_the_destination_and_is_absent_otherwise() {
+    let mut rec = sample(0);
+    let without = String::from_utf8(chain::seal(&mut rec.clone(), &ChainHead::genesis())).unwrap();
+    assert!(!without.contains("\"service\""), "{without}");
+    rec.service = Some(Service {
+        name: "shop/backend".to_owned(),
+        address: "198.19.0.10".parse().unwrap(),
+        port: 80,
+    });
+    let text = String::from_utf8(chain::seal(&mut rec, &ChainHead::genesis())).unwrap();
+    assert!(
+        text.contains(
+            "\"port\":8080},\"service\":{\"name\":\"shop/backend\",\"address\":\"198.19.0.10\",\"port\":80},\"decision\""
+        ),
+        "{text}"
+    );
+}
+
+#[test]
 fn editing_a_digit_is_detected_as_edited_at_that_line() {
     let (_dir, path) = log_path();
     write_log(&path, u64::MAX, 0..6);

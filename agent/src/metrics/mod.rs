@@ -14,6 +14,7 @@ mod guard;
 mod handshake;
 mod kubernetes;
 mod rejection;
+mod service_outcome;
 #[cfg(test)]
 pub(crate) mod test_support;
 #[cfg(test)]
@@ -30,6 +31,7 @@ pub use guard::ActiveConnection;
 pub use handshake::HandshakeFailure;
 pub use kubernetes::{KubernetesMetrics, WatchMetrics};
 pub use rejection::Rejection;
+pub use service_outcome::ServiceOutcome;
 pub use tunnel::TunnelMetrics;
 
 use crate::audit::{Decision, Direction};
@@ -54,10 +56,13 @@ pub struct Metrics {
     handshake_failures: [IntCounter; 6],
     /// In [`Rejection::ALL`] order.
     connections_rejected: [IntCounter; 4],
+    /// In [`ServiceOutcome::ALL`] order.
+    service_connections: [IntCounter; 4],
     svid_expiry: IntGaugeVec,
     /// SPIFFE IDs currently in `svid_expiry`, to remove the ones that leave.
     svid_ids: Mutex<HashSet<String>>,
     enrolled_workloads: IntGauge,
+    mesh_destinations: IntGauge,
     workloads_not_captured: IntGauge,
     policy_reload_rejections: IntCounter,
     decision_cache_hits: IntCounter,
@@ -105,7 +110,15 @@ impl Metrics {
             "Connections closed at accept because an admission limit was reached, by limit.",
             &["reason"],
         );
+        let services = counter_vec(
+            &registry,
+            "ambit_service_connections_total",
+            "Captured connections to a Service ClusterIP, by outcome (sent to an endpoint, or refused and why).",
+            &["outcome"],
+        );
         Metrics {
+            service_connections: ServiceOutcome::ALL
+                .map(|outcome| services.with_label_values(&[outcome.as_str()])),
             connections_rejected: Rejection::ALL
                 .map(|reason| rejected.with_label_values(&[reason.as_str()])),
             opened: Direction::ALL.map(|dir| {
@@ -131,6 +144,11 @@ impl Metrics {
                 &registry,
                 "ambit_enrolled_workloads",
                 "Workloads on this node currently enrolled in the mesh.",
+            ),
+            mesh_destinations: gauge(
+                &registry,
+                "ambit_mesh_destinations",
+                "Addresses of mesh workloads on any node that this agent knows, each with the SPIFFE ID expected there.",
             ),
             workloads_not_captured: gauge(
                 &registry,
@@ -201,6 +219,10 @@ impl Metrics {
         self.connections_rejected[reason as usize].inc();
     }
 
+    pub fn service_connection(&self, outcome: ServiceOutcome) {
+        self.service_connections[outcome as usize].inc();
+    }
+
     /// Replaces the SVID expiry series with `svids` (SPIFFE ID, `not_after`
     /// in Unix seconds): identities no longer held disappear, so the label
     /// set follows the node's workloads instead of growing with history.
@@ -220,6 +242,11 @@ impl Metrics {
 
     pub fn set_enrolled_workloads(&self, count: usize) {
         self.enrolled_workloads
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_mesh_destinations(&self, count: usize) {
+        self.mesh_destinations
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 

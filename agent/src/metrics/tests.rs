@@ -10,11 +10,13 @@ fn every_metric_is_registered_with_the_ambit_prefix() {
         "ambit_policy_denials_total",
         "ambit_tls_handshake_failures_total",
         "ambit_enrolled_workloads",
+        "ambit_mesh_destinations",
         "ambit_policy_reload_rejections_total",
         "ambit_policy_decision_cache_hits_total",
         "ambit_policy_decision_cache_misses_total",
         "ambit_audit_records_dropped_total",
         "ambit_audit_records_suppressed_total",
+        "ambit_service_connections_total",
     ] {
         assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
     }
@@ -58,6 +60,9 @@ fn enum_discriminants_index_the_label_arrays() {
     for (i, reason) in Rejection::ALL.into_iter().enumerate() {
         assert_eq!(reason as usize, i);
     }
+    for (i, outcome) in ServiceOutcome::ALL.into_iter().enumerate() {
+        assert_eq!(outcome as usize, i);
+    }
 }
 
 #[test]
@@ -75,6 +80,7 @@ fn counters_count_under_their_labels() {
     m.decision_cache_hit();
     m.decision_cache_miss();
     m.set_enrolled_workloads(7);
+    m.set_mesh_destinations(1100);
     let text = m.encode();
     let opened = |dir, dec| {
         value(
@@ -111,6 +117,7 @@ fn counters_count_under_their_labels() {
         Some(1.0)
     );
     assert_eq!(value(&text, "ambit_enrolled_workloads", &[]), Some(7.0));
+    assert_eq!(value(&text, "ambit_mesh_destinations", &[]), Some(1100.0));
 }
 
 #[test]

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod loop_guard;
 pub mod outbound;
 pub mod relay;
+pub mod service_route;
 pub mod tunnel_socket;
 
 /// Accepts on `listener` until the task is aborted (the pod is unenrolled

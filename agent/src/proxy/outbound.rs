@@ -3,7 +3,9 @@
 //!
 //! A destination that is a mesh workload is reached through an mTLS HBONE
 //! tunnel to its 15008 port, presenting the source pod's SVID and accepting
-//! only the SPIFFE ID expected there. Anything else is passed through.
+//! only the SPIFFE ID expected there. Anything else is passed through. A
+//! ClusterIP is first resolved to one of its service's ready endpoints
+//! ([`super::service_route`]), which is then reached the same way.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -15,12 +17,13 @@ use tokio_rustls::TlsConnector;
 use super::{
     limits::ConnectionPermit,
     relay::{RelayStats, relay},
+    service_route::{ServiceAudit, route},
     tunnel_socket::set_liveness_options,
 };
 use crate::{
-    audit,
+    audit::{self, AuditLog},
     capture::Capture,
-    identity::{SpiffeId, client_config, handshake_failure_reason},
+    identity::{client_config, handshake_failure_reason},
     mesh::{Mesh, TunnelKey},
     pod::{PodContext, PodState},
     tunnel::{HboneClient, TunnelError, TunnelLease},
@@ -32,6 +35,8 @@ pub struct OutboundContext {
     pub pod: Arc<PodContext>,
     pub capture: Arc<Capture>,
     pub mesh: Arc<Mesh>,
+    /// For connections to a Service, which this side of the node audits.
+    pub audit: Arc<AuditLog>,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<OutboundContext>) {
@@ -74,87 +79,145 @@ async fn serve_connection(downstream: TcpStream, client: SocketAddr, ctx: &Outbo
         return;
     };
     tracing::info!(workload = %ctx.pod.id, %client, %orig_dst, "outbound connection captured");
-    // Policy is decided (and audited) on the destination's node; here the
-    // connection is only counted.
     let metrics = &ctx.mesh.metrics;
-    metrics.connection_opened(audit::Direction::Outbound, audit::Decision::Allow);
-    let _active = metrics.connection_active(audit::Direction::Outbound);
-    let _ = downstream.set_nodelay(true);
-    let destination = ctx.mesh.directory.borrow().lookup(orig_dst.ip());
-    match destination {
-        Some(destination) => via_tunnel(downstream, orig_dst, destination, ctx).await,
-        None => passthrough(downstream, orig_dst, ctx).await,
-    }
-}
-
-/// A destination outside the mesh: plain TCP from the pod's netns.
-async fn passthrough(mut downstream: TcpStream, orig_dst: SocketAddr, ctx: &OutboundContext) {
-    let mut upstream = match ctx.pod.connect(orig_dst).await {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            tracing::info!(workload = %ctx.pod.id, %orig_dst, error = %e,
-                "outbound connection failed: upstream unreachable");
+    let state = ctx.pod.state();
+    let routed = route(
+        orig_dst,
+        &ctx.mesh.services.borrow(),
+        ctx.pod.dial.agent_ports,
+    );
+    let route = match routed {
+        Ok(route) => route,
+        Err(refused) => {
+            tracing::info!(workload = %ctx.pod.id, %orig_dst, service = %refused.hop.name,
+                reason = %refused.reason, "denied: outbound connection to a service");
+            ServiceAudit::new(Arc::clone(&ctx.audit), &state, client, &refused.hop)
+                .refused(&refused, metrics);
             return;
         }
     };
+    // Policy is decided (and audited) on the destination's node; here the
+    // connection is only counted, and a service's endpoint choice audited.
+    metrics.connection_opened(audit::Direction::Outbound, audit::Decision::Allow);
+    let _active = metrics.connection_active(audit::Direction::Outbound);
+    let _ = downstream.set_nodelay(true);
+    let target = route.target;
+    let destination = ctx.mesh.directory.borrow().lookup(target.ip());
+    let service_audit = route.service.as_ref().map(|hop| {
+        tracing::info!(workload = %ctx.pod.id, service = %hop.name, %orig_dst, endpoint = %target,
+            "outbound connection to a service sent to an endpoint");
+        let audit = ServiceAudit::new(Arc::clone(&ctx.audit), &state, client, hop);
+        audit.sent(target, destination.as_deref(), metrics);
+        audit
+    });
+    let ended = match &destination {
+        Some(destination) => via_tunnel(downstream, target, destination, &state, ctx).await,
+        None => passthrough(downstream, target, ctx).await,
+    };
+    let peer = destination.as_deref();
+    if let Ended::Relayed { stats, result } = &ended {
+        log_closed(ctx, orig_dst, target, peer, stats, result);
+    }
+    if let Some(audit) = service_audit {
+        match &ended {
+            Ended::Relayed { stats, result } => {
+                let reason = match result {
+                    Ok(()) => "closed".to_owned(),
+                    Err(e) => format!("closed: {e}"),
+                };
+                audit.closed(target, peer, stats, &reason);
+            }
+            Ended::Failed(why) => {
+                audit.closed(
+                    target,
+                    peer,
+                    &RelayStats::default(),
+                    &format!("failed: {why}"),
+                );
+            }
+        }
+    }
+}
+
+/// How a connection the agent accepted ended.
+enum Ended {
+    /// Relayed until one side closed or failed.
+    Relayed {
+        stats: RelayStats,
+        result: std::io::Result<()>,
+    },
+    /// Never reached the destination, for this reason (logged).
+    Failed(String),
+}
+
+/// A destination outside the mesh: plain TCP from the pod's netns.
+async fn passthrough(
+    mut downstream: TcpStream,
+    target: SocketAddr,
+    ctx: &OutboundContext,
+) -> Ended {
+    let mut upstream = match ctx.pod.connect(target).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::info!(workload = %ctx.pod.id, dst = %target, error = %e,
+                "outbound connection failed: upstream unreachable");
+            return Ended::Failed(format!("upstream unreachable: {e}"));
+        }
+    };
     let (stats, result) = relay(&mut downstream, &mut upstream).await;
-    log_closed(ctx, orig_dst, "passthrough", None, stats, result);
+    Ended::Relayed { stats, result }
 }
 
 async fn via_tunnel(
     mut downstream: TcpStream,
-    orig_dst: SocketAddr,
-    destination: Arc<Destination>,
+    target: SocketAddr,
+    destination: &Destination,
+    state: &PodState,
     ctx: &OutboundContext,
-) {
-    let state = ctx.pod.state();
-    let lease = match tunnel_to(orig_dst, &destination, &state, ctx).await {
+) -> Ended {
+    let lease = match tunnel_to(target, destination, state, ctx).await {
         Ok(lease) => lease,
         Err(reason) => {
-            tracing::info!(workload = %ctx.pod.id, %orig_dst,
+            tracing::info!(workload = %ctx.pod.id, dst = %target,
                 peer_spiffe_id = %destination.spiffe_id, reason = %reason,
                 "outbound connection failed: no tunnel");
-            return;
+            return Ended::Failed(format!("no tunnel: {reason}"));
         }
     };
-    let mut stream = match lease.connect(orig_dst).await {
+    let mut stream = match lease.connect(target).await {
         Ok(stream) => stream,
         Err(e) => {
-            tracing::info!(workload = %ctx.pod.id, %orig_dst,
+            tracing::info!(workload = %ctx.pod.id, dst = %target,
                 peer_spiffe_id = %destination.spiffe_id, error = %e,
                 "outbound connection failed: refused by the peer");
-            return;
+            return Ended::Failed(format!("refused by the peer: {e}"));
         }
     };
     let (stats, result) = relay(&mut downstream, &mut stream).await;
-    log_closed(
-        ctx,
-        orig_dst,
-        "hbone",
-        Some(&destination.spiffe_id),
-        stats,
-        result,
-    );
+    Ended::Relayed { stats, result }
 }
 
+/// `target`: where the connection went (a service's endpoint, or
+/// `orig_dst`); `peer`: the mesh workload reached through the tunnel.
 fn log_closed(
     ctx: &OutboundContext,
     orig_dst: SocketAddr,
-    mode: &str,
-    peer: Option<&SpiffeId>,
-    stats: RelayStats,
-    result: std::io::Result<()>,
+    target: SocketAddr,
+    peer: Option<&Destination>,
+    stats: &RelayStats,
+    result: &std::io::Result<()>,
 ) {
     ctx.mesh.metrics.add_bytes(stats.sent, stats.received);
     tracing::info!(
         workload = %ctx.pod.id,
         %orig_dst,
-        mode,
-        peer_spiffe_id = peer.map(|p| p.as_str()),
+        dst = %target,
+        mode = if peer.is_some() { "hbone" } else { "passthrough" },
+        peer_spiffe_id = peer.map(|p| p.spiffe_id.as_str()),
         bytes_sent = stats.sent,
         bytes_received = stats.received,
         duration_ms = u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX),
-        error = result.err().map(|e| e.to_string()),
+        error = result.as_ref().err().map(ToString::to_string),
         "outbound connection closed"
     );
 }
@@ -163,7 +226,7 @@ fn log_closed(
 /// destination's agent, opened (from the pod's netns) if every pooled one
 /// is full.
 async fn tunnel_to(
-    orig_dst: SocketAddr,
+    target: SocketAddr,
     destination: &Destination,
     state: &PodState,
     ctx: &OutboundContext,
@@ -174,7 +237,7 @@ async fn tunnel_to(
         .borrow()
         .clone()
         .ok_or("this workload's SVID is not available yet")?;
-    let peer_addr = SocketAddr::new(orig_dst.ip(), TUNNEL_PORT);
+    let peer_addr = SocketAddr::new(target.ip(), TUNNEL_PORT);
     let key = TunnelKey {
         source: state.identity.clone(),
         peer_addr,

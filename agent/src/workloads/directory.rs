@@ -50,6 +50,15 @@ impl Directory {
         Self { by_ip }
     }
 
+    /// How many addresses it knows.
+    pub fn len(&self) -> usize {
+        self.by_ip.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_ip.is_empty()
+    }
+
     pub fn lookup(&self, ip: IpAddr) -> Option<Arc<Destination>> {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),

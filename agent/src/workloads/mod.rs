@@ -5,10 +5,12 @@ pub mod directory;
 pub mod file;
 pub mod kubernetes;
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf, sync::Arc};
 
 use serde::Deserialize;
 use tokio::sync::watch;
+
+use crate::services::ServiceTable;
 
 /// The label that enrolls a namespace or pod (`enabled`) or opts a pod out
 /// (`disabled`).
@@ -85,6 +87,8 @@ impl Workload {
 pub struct WorkloadFeed {
     pub workloads: watch::Receiver<NodeWorkloads>,
     pub synced: watch::Receiver<bool>,
+    /// ClusterIPs and their ready endpoints (empty for the file source).
+    pub services: watch::Receiver<Arc<ServiceTable>>,
 }
 
 /// Everything a workload source reports about this node at one moment.

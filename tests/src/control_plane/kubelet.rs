@@ -64,6 +64,26 @@ impl KubePod {
     }
 }
 
+/// One port of a Service: its `name` (the Endpoints port of that name
+/// carries the number on the pods), the `port` clients dial, and the
+/// `target` on the pods: a number, or the name of a container port.
+#[derive(Clone, Debug)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub target: Value,
+}
+
+impl ServicePort {
+    pub fn new(name: &str, port: u16, target: impl Into<Value>) -> Self {
+        Self {
+            name: name.into(),
+            port,
+            target: target.into(),
+        }
+    }
+}
+
 /// `api/v1/namespaces/<ns>/<resource>/<name>`
 fn path(namespace: &str, resource: &str, name: &str) -> String {
     format!("/api/v1/namespaces/{namespace}/{resource}/{name}")
@@ -131,14 +151,14 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// A ClusterIP Service selecting `selector`, with TCP `ports` (port,
-    /// target port). Returns the ClusterIP (inside [`super::SERVICE_CIDR`]).
+    /// A ClusterIP Service selecting `selector`, with TCP `ports`. Returns
+    /// the ClusterIP (inside [`super::SERVICE_CIDR`]).
     pub fn create_service(
         &self,
         namespace: &str,
         name: &str,
         selector: &[(&str, &str)],
-        ports: &[(u16, u16)],
+        ports: &[ServicePort],
     ) -> Result<IpAddr> {
         let selector: serde_json::Map<String, Value> = selector
             .iter()
@@ -146,9 +166,8 @@ impl ControlPlane {
             .collect();
         let ports: Vec<Value> = ports
             .iter()
-            .map(|(port, target)| {
-                json!({"name": format!("tcp-{port}"), "protocol": "TCP",
-                       "port": port, "targetPort": target})
+            .map(|p| {
+                json!({"name": p.name, "protocol": "TCP", "port": p.port, "targetPort": p.target})
             })
             .collect();
         let created = self.create(&json!({
@@ -165,25 +184,18 @@ impl ControlPlane {
     }
 
     /// The Endpoints an endpoints controller would write for a service:
-    /// `ips` ready on TCP `ports` (named as in [`Self::create_service`]).
+    /// `ready` and `not_ready` addresses on TCP `ports`, each named as the
+    /// service port it serves, with the number on the pods (a named
+    /// `targetPort` resolved).
     pub fn create_endpoints(
         &self,
         namespace: &str,
         name: &str,
-        ips: &[IpAddr],
-        ports: &[u16],
+        ready: &[IpAddr],
+        not_ready: &[IpAddr],
+        ports: &[(&str, u16)],
     ) -> Result<Value> {
-        let addresses: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip})).collect();
-        let ports: Vec<Value> = ports
-            .iter()
-            .map(|port| json!({"name": format!("tcp-{port}"), "protocol": "TCP", "port": port}))
-            .collect();
-        self.create(&json!({
-            "apiVersion": "v1",
-            "kind": "Endpoints",
-            "metadata": {"name": name, "namespace": namespace},
-            "subsets": [{"addresses": addresses, "ports": ports}],
-        }))
+        self.create(&endpoints_object(namespace, name, ready, not_ready, ports))
     }
 
     /// A TokenRequest for a service account, bound to a pod when given
@@ -224,6 +236,39 @@ impl ControlPlane {
         }))?;
         Ok(answer["status"].clone())
     }
+}
+
+/// An Endpoints object (see [`ControlPlane::create_endpoints`]); with
+/// [`ControlPlane::replace`], the endpoints controller's next word.
+pub fn endpoints_object(
+    namespace: &str,
+    name: &str,
+    ready: &[IpAddr],
+    not_ready: &[IpAddr],
+    ports: &[(&str, u16)],
+) -> Value {
+    let addresses =
+        |ips: &[IpAddr]| -> Vec<Value> { ips.iter().map(|ip| json!({"ip": ip})).collect() };
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(name, port)| json!({"name": name, "protocol": "TCP", "port": port}))
+        .collect();
+    // A subset needs an address of either kind.
+    let subsets = if ready.is_empty() && not_ready.is_empty() {
+        json!([])
+    } else {
+        json!([{
+            "addresses": addresses(ready),
+            "notReadyAddresses": addresses(not_ready),
+            "ports": ports,
+        }])
+    };
+    json!({
+        "apiVersion": "v1",
+        "kind": "Endpoints",
+        "metadata": {"name": name, "namespace": namespace},
+        "subsets": subsets,
+    })
 }
 
 fn uid_of(object: &Value) -> Result<String> {

@@ -17,12 +17,18 @@ use super::{
 };
 use crate::{
     metrics::KubernetesMetrics,
-    workloads::{Labels, NodeWorkloads, WorkloadFeed, is_enrolled},
+    workloads::{Labels, NodeWorkloads, is_enrolled},
 };
+
+/// The enrolled pods of the cluster, and whether the first lists are in.
+pub struct ClusterDirectory {
+    pub workloads: watch::Receiver<NodeWorkloads>,
+    pub synced: watch::Receiver<bool>,
+}
 
 /// Starts the watches; `synced` turns true after both first lists, and
 /// only then is a directory published.
-pub fn watch(client: Client, metrics: &KubernetesMetrics) -> WorkloadFeed {
+pub fn watch(client: Client, metrics: &KubernetesMetrics) -> ClusterDirectory {
     let (tx, workloads) = watch::channel(NodeWorkloads::default());
     let (synced_tx, synced) = watch::channel(false);
     let pods = watched(Api::all(client.clone()), watcher::Config::default());
@@ -32,7 +38,7 @@ pub fn watch(client: Client, metrics: &KubernetesMetrics) -> WorkloadFeed {
         Health::new("namespaces", metrics.watch("namespaces")),
     ];
     tokio::spawn(run(pods, namespaces, health, tx, synced_tx));
-    WorkloadFeed { workloads, synced }
+    ClusterDirectory { workloads, synced }
 }
 
 async fn run(

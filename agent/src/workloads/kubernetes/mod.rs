@@ -5,12 +5,16 @@
 //! same shape as the file source, so the control loop does not care where
 //! workloads come from.
 //!
+//! Services and their Endpoints are watched by [`services`] for ClusterIP
+//! resolution.
+//!
 //! Watches resume from their last resourceVersion, re-list on 410 Gone and
 //! back off on errors (kube-runtime's defaults). While the API server is
 //! unreachable nothing is published, so the last known state keeps serving.
 
 pub mod cluster_directory;
 pub mod netns_locator;
+pub mod services;
 pub mod store;
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
@@ -83,6 +87,7 @@ pub async fn watch(
         ..Default::default()
     });
     let (synced_tx, synced) = watch::channel(false);
+    let services = services::watch(&client, metrics);
     let streams = Streams {
         local: watched(
             Api::all(client.clone()),
@@ -105,7 +110,11 @@ pub async fn watch(
         locator,
     };
     tokio::spawn(run(streams, health, state, tx, synced_tx));
-    Ok(WorkloadFeed { workloads, synced })
+    Ok(WorkloadFeed {
+        workloads,
+        synced: services::all_synced(vec![synced, services.synced]),
+        services: services.table,
+    })
 }
 
 type Watched<K> = BoxStream<'static, Result<Event<K>, watcher::Error>>;
