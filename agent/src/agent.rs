@@ -99,7 +99,11 @@ pub struct Agent {
     limits: Arc<Limits>,
 }
 
-fn identity_source(config: &RunConfig, node: &str, td: &TrustDomain) -> Result<IdentitySource> {
+async fn identity_source(
+    config: &RunConfig,
+    node: &str,
+    td: &TrustDomain,
+) -> Result<IdentitySource> {
     Ok(match &config.identity {
         IdentityConfig::Embedded { svid_ttl } => IdentitySource::Embedded {
             ca: Box::new(CertificateAuthority::new(td.clone())?),
@@ -111,7 +115,7 @@ fn identity_source(config: &RunConfig, node: &str, td: &TrustDomain) -> Result<I
         } => {
             let node_dir = bootstrap_dir.join(NODES_DIR).join(node);
             let client = CaClient::new(
-                *addr,
+                addr,
                 node_dir.join(NODE_CHAIN_FILE),
                 node_dir.join(NODE_KEY_FILE),
                 bootstrap_dir.join(BUNDLE_FILE),
@@ -121,7 +125,16 @@ fn identity_source(config: &RunConfig, node: &str, td: &TrustDomain) -> Result<I
                 "the CA's trust domain is {}, but this agent was started with --trust-domain {td}",
                 client.trust_domain()
             );
-            IdentitySource::Remote(client)
+            IdentitySource::Remote(Box::new(client))
+        }
+        IdentityConfig::Attested(ca) => {
+            let kubeconfig = match &config.workloads {
+                WorkloadSource::Kubernetes(kubernetes) => kubernetes.kubeconfig.as_deref(),
+                WorkloadSource::File(_) => None,
+            };
+            IdentitySource::Remote(Box::new(
+                crate::ca_service::kubernetes::agent_client(ca, kubeconfig, node, td).await?,
+            ))
         }
     })
 }
@@ -241,7 +254,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         Arc::new(move |_: &SpiffeId| pool.evict_all())
     };
     let svids = SvidStore::new(
-        identity_source(&config, &initial.node, &trust_domain)?,
+        identity_source(&config, &initial.node, &trust_domain).await?,
         on_rotate,
     )?;
     let (directory, directory_rx) =

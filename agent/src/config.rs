@@ -37,9 +37,13 @@ pub enum IdentityConfig {
     /// `ambit ca` at `addr`; the node credential and the bundle are read
     /// from `bootstrap_dir` (as `ambit ca --bootstrap-dir` writes them).
     Remote {
-        addr: SocketAddr,
+        /// `HOST:PORT`, resolved at each connection.
+        addr: String,
         bootstrap_dir: PathBuf,
     },
+    /// `ambit ca --kubernetes`: the bundle from its ConfigMap, the node
+    /// credential by attestation with the pod's service-account token.
+    Attested(crate::ca_service::kubernetes::AgentCaConfig),
 }
 
 /// Where the agent learns which workloads run where.

@@ -86,13 +86,27 @@ struct RunArgs {
     /// SPIFFE trust domain of this mesh.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// Address of `ambit ca`. Without it the agent runs its own CA (local
-    /// mode, one node).
-    #[arg(long, requires = "ca_bootstrap_dir")]
-    ca_addr: Option<std::net::SocketAddr>,
-    /// Directory `ambit ca` wrote bundle.pem and nodes/NODE/ into.
+    /// Address of `ambit ca`, HOST:PORT (a host name is resolved at each
+    /// connection). Without it the agent runs its own CA (local mode, one
+    /// node).
     #[arg(long)]
+    ca_addr: Option<String>,
+    /// Directory `ambit ca` wrote bundle.pem and nodes/NODE/ into.
+    #[arg(long, requires = "ca_addr", conflicts_with = "ca_token_file")]
     ca_bootstrap_dir: Option<PathBuf>,
+    /// With --kubernetes: projected service-account token of this agent's
+    /// pod (audience ambit-ca), re-read at each attestation to `ambit ca
+    /// --kubernetes`; the trust bundle then comes from the ConfigMap
+    /// --ca-bundle-configmap in --namespace, followed as it changes.
+    #[arg(long, requires_all = ["ca_addr", "kubernetes"])]
+    ca_token_file: Option<PathBuf>,
+    /// ConfigMap (key bundle.pem) holding the trust bundle, for
+    /// --ca-token-file.
+    #[arg(long, default_value = "ambit-trust-bundle")]
+    ca_bundle_configmap: String,
+    /// This agent's namespace (the release namespace), for --ca-token-file.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
     /// SVID lifetime of the embedded CA, in seconds (60 to 86400).
     #[arg(long, value_parser = clap::value_parser!(u64).range(60..=86400))]
     svid_ttl_secs: Option<u64>,
@@ -249,11 +263,11 @@ struct CaArgs {
     listen: std::net::SocketAddr,
     /// Workloads file (the `run --workloads` format) listing every workload
     /// of the cluster with its `node`; re-read when it changes.
-    #[arg(long)]
-    directory: PathBuf,
+    #[arg(long, required_unless_present = "kubernetes")]
+    directory: Option<PathBuf>,
     /// Directory to write bundle.pem and nodes/<NODE>/node{,-key}.pem to.
-    #[arg(long)]
-    bootstrap_dir: PathBuf,
+    #[arg(long, required_unless_present = "kubernetes")]
+    bootstrap_dir: Option<PathBuf>,
     /// Default and maximum TTL of issued SVIDs, in seconds.
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(60..=86400))]
     svid_ttl_secs: u64,
@@ -263,8 +277,38 @@ struct CaArgs {
     /// Directory keeping the CA's root (root.pem, root-key.pem; in
     /// Kubernetes a Secret), made there on first start. Restarts then keep
     /// the trust bundle agents hold. Without it each start makes a new root.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kubernetes")]
     root_dir: Option<PathBuf>,
+    /// Run in the cluster: root in --root-secret, trust bundle published to
+    /// --bundle-configmap, workloads from the API, nodes attested with
+    /// their agent pods' service-account tokens (in-cluster configuration
+    /// unless --kubeconfig).
+    #[arg(long, conflicts_with_all = ["directory", "bootstrap_dir"])]
+    kubernetes: bool,
+    /// Kubeconfig file for --kubernetes.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// The release namespace (the Secret, the ConfigMap and the agents'
+    /// pods), for --kubernetes.
+    #[arg(long, env = "POD_NAMESPACE", required_if_eq("kubernetes", "true"))]
+    namespace: Option<String>,
+    /// Secret keeping the root (root.pem, root-key.pem), made on first start.
+    #[arg(long, default_value = "ambit-ca-root")]
+    root_secret: String,
+    /// ConfigMap the trust bundle is published to (key bundle.pem).
+    #[arg(long, default_value = "ambit-trust-bundle")]
+    bundle_configmap: String,
+    /// Audience an agent's token must be issued for.
+    #[arg(long, default_value = "ambit-ca")]
+    token_audience: String,
+    /// ServiceAccount (in --namespace) the agents' pods run as; tokens of
+    /// any other are refused.
+    #[arg(long, default_value = "ambit-agent")]
+    agent_service_account: String,
+    /// TTL of a node credential obtained by attestation, in seconds; agents
+    /// attest again (re-reading their token) at half of it.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(60..=86400))]
+    attested_node_ttl_secs: u64,
 }
 
 #[derive(Args)]
@@ -342,12 +386,28 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             outbound_port: args.outbound_port,
         },
         trust_domain: args.trust_domain,
-        identity: match (args.ca_addr, args.ca_bootstrap_dir) {
-            (Some(addr), Some(bootstrap_dir)) => IdentityConfig::Remote {
+        identity: match (args.ca_addr, args.ca_bootstrap_dir, args.ca_token_file) {
+            (Some(addr), Some(bootstrap_dir), _) => IdentityConfig::Remote {
                 addr,
                 bootstrap_dir,
             },
-            _ => IdentityConfig::Embedded {
+            (Some(addr), None, Some(token_file)) => {
+                IdentityConfig::Attested(ambit::ca_service::kubernetes::AgentCaConfig {
+                    addr,
+                    token_file,
+                    namespace: anyhow::Context::context(
+                        args.namespace,
+                        "--ca-token-file needs --namespace (or POD_NAMESPACE): the namespace \
+                         of the trust bundle ConfigMap",
+                    )?,
+                    bundle_configmap: args.ca_bundle_configmap,
+                })
+            }
+            (Some(_), None, None) => anyhow::bail!(
+                "--ca-addr needs --ca-bootstrap-dir (files written by `ambit ca`) or, with \
+                 --kubernetes, --ca-token-file (node attestation)"
+            ),
+            (None, ..) => IdentityConfig::Embedded {
                 svid_ttl: args.svid_ttl_secs.map(Duration::from_secs),
             },
         },
@@ -403,13 +463,30 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 fn ca(args: CaArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
 
-    let config = ambit::ca_service::CaServerConfig {
+    use ambit::ca_service::{CaServerConfig, kubernetes::KubernetesCaConfig};
+
+    let base = match (args.directory, args.bootstrap_dir, args.namespace) {
+        (Some(directory), Some(bootstrap_dir), _) => CaServerConfig::new(directory, bootstrap_dir),
+        (_, _, Some(namespace)) if args.kubernetes => {
+            CaServerConfig::in_cluster(KubernetesCaConfig {
+                kubeconfig: args.kubeconfig,
+                namespace,
+                root_secret: args.root_secret,
+                bundle_configmap: args.bundle_configmap,
+                token_audience: args.token_audience,
+                agent_service_account: args.agent_service_account,
+            })
+        }
+        _ => anyhow::bail!("give --directory and --bootstrap-dir, or --kubernetes and --namespace"),
+    };
+    let config = CaServerConfig {
         trust_domain: args.trust_domain,
         listen: args.listen,
         svid_ttl: Duration::from_secs(args.svid_ttl_secs),
         reload_interval: Duration::from_millis(args.reload_interval_ms),
         root_dir: args.root_dir,
-        ..ambit::ca_service::CaServerConfig::new(args.directory, args.bootstrap_dir)
+        attested_node_ttl: Duration::from_secs(args.attested_node_ttl_secs),
+        ..base
     };
     tokio::runtime::Runtime::new()?.block_on(async {
         let mut terminate = signal(SignalKind::terminate())?;

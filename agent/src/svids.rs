@@ -29,7 +29,7 @@ pub enum IdentitySource {
         ttl: Option<Duration>,
     },
     /// Cluster mode: `ambit ca`, reached with the node's bootstrap credential.
-    Remote(CaClient),
+    Remote(Box<CaClient>),
 }
 
 impl IdentitySource {

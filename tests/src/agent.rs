@@ -260,7 +260,7 @@ impl Testbed {
     }
 
     /// Spawns `ambit ARGS` in `node`'s netns, in the cgroup `<node>/<role>`.
-    fn launch_daemon(
+    pub(crate) fn launch_daemon(
         &self,
         node: &crate::Node,
         role: &str,

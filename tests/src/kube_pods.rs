@@ -121,7 +121,8 @@ impl Testbed {
     /// Makes the API server (on the host's loopback) reachable on the same
     /// address from `node`'s network namespace, as a node reaches its
     /// control plane: a socat in the node forwards over a unix socket to a
-    /// socat on the host. Both are killed when the testbed drops.
+    /// socat on the host. Both are killed when the testbed drops. Bridging
+    /// a node again does nothing.
     pub fn bridge_api_server(&self, node: usize, cp: &ControlPlane) -> Result<()> {
         let port: u16 = cp
             .server
@@ -129,6 +130,10 @@ impl Testbed {
             .and_then(|(_, port)| port.parse().ok())
             .with_context(|| format!("no port in {}", cp.server))?;
         let socket = self.dir.path().join(format!("api-n{node}.sock"));
+        if socket.exists() {
+            // Bridged already (the CA and an agent share node 0).
+            return Ok(());
+        }
         let socket = socket.display();
         let mut host_side = Command::new("socat");
         host_side.args([

@@ -20,6 +20,7 @@ mod cleanup;
 pub mod cni_chain;
 pub mod control_plane;
 pub mod exec;
+pub mod kube_ca;
 pub mod kube_pods;
 pub mod link_capture;
 pub mod procfs;

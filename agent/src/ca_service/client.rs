@@ -3,10 +3,9 @@
 
 use std::{
     io,
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD};
@@ -22,12 +21,12 @@ use tokio_rustls::TlsConnector;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{
-    ALPN, MAX_LINE_BYTES, ca_spiffe_id, node_name,
-    protocol::{self, Line, Request, Response},
+    ALPN, MAX_LINE_BYTES, ca_spiffe_id, node_name, node_spiffe_id,
+    protocol::{self, AttestRequest, Line, Request, Response},
 };
 use crate::identity::{
-    CaError, PeerRole, SpiffeId, Svid, SvidCertificate, SvidError, SvidKey, TrustBundles,
-    TrustDomain, client_config, verify_svid,
+    CaError, PeerRole, SpiffeId, SpiffeIdError, Svid, SvidCertificate, SvidError, SvidKey,
+    TrustBundles, TrustDomain, anonymous_client_config, client_config, verify_svid,
 };
 
 const CHAIN_HINT: &str = "the CA (`ambit ca --bootstrap-dir DIR`) writes it to \
@@ -36,6 +35,8 @@ const KEY_HINT: &str = "the CA (`ambit ca --bootstrap-dir DIR`) writes it to \
     DIR/nodes/<NODE>/node-key.pem next to node.pem";
 const BUNDLE_HINT: &str =
     "the CA (`ambit ca --bootstrap-dir DIR`) writes it to DIR/bundle.pem when it starts";
+const TOKEN_HINT: &str = "mount a projected service-account token of the agent's pod with \
+    audience ambit-ca there (the kubelet keeps it fresh)";
 const STALE_HINT: &str = "the files are from different CA runs or the credential expired: \
     use the bundle.pem and node files the running CA wrote (a CA restarted without \
     --root-dir has a new root, so the agent must be restarted to load the new bundle)";
@@ -58,32 +59,34 @@ pub enum CaClientError {
         reason: String,
         hint: &'static str,
     },
+    #[error("--node-name {0:?} is not a valid node name: {1}")]
+    NodeName(String, #[source] SpiffeIdError),
     #[error("cannot build the TLS configuration: {0}")]
     Tls(#[source] rustls::Error),
     #[error("cannot generate the key or the CSR: {0}")]
     Generate(#[source] rcgen::Error),
     #[error("cannot connect to the CA at {addr}: {source}")]
     Connect {
-        addr: SocketAddr,
+        addr: String,
         #[source]
         source: io::Error,
     },
     #[error("the TLS handshake with the CA at {addr} failed: {source}")]
     Handshake {
-        addr: SocketAddr,
+        addr: String,
         #[source]
         source: io::Error,
     },
     #[error("talking to the CA at {addr} failed: {source}")]
     Io {
-        addr: SocketAddr,
+        addr: String,
         #[source]
         source: io::Error,
     },
     #[error("the CA at {addr} did not answer within {timeout:?}")]
-    Timeout { addr: SocketAddr, timeout: Duration },
+    Timeout { addr: String, timeout: Duration },
     #[error("the CA at {addr} closed the connection without answering")]
-    Closed { addr: SocketAddr },
+    Closed { addr: String },
     #[error("the CA's answer is malformed: {0}")]
     BadResponse(String),
     #[error("the CA refused: {0}")]
@@ -99,22 +102,43 @@ pub enum CaClientError {
 }
 
 /// A node agent's connection details for the CA. Each [`request_svid`]
-/// opens one mTLS connection, authenticated with the node credential (read
-/// again every time, since the CA renews it at half life).
+/// opens one mTLS connection (to `addr`, a host name resolved then),
+/// authenticated with the node credential.
 ///
 /// [`request_svid`]: CaClient::request_svid
 pub struct CaClient {
-    addr: SocketAddr,
-    chain_path: PathBuf,
-    key_path: PathBuf,
+    addr: String,
+    credential: NodeCredential,
     bundles: Arc<TrustBundles>,
     trust_domain: TrustDomain,
     node_id: SpiffeId,
     ca_id: SpiffeId,
-    /// The configuration built from the last good node credential, used if
-    /// re-reading the files fails.
-    last_good: Mutex<Arc<ClientConfig>>,
     timeout: Duration,
+}
+
+/// Where the node credential comes from.
+enum NodeCredential {
+    /// Files the CA wrote (`--ca-bootstrap-dir`), read again every time,
+    /// since the CA renews them at half life.
+    Files {
+        chain_path: PathBuf,
+        key_path: PathBuf,
+        /// The configuration built from the last good files, used if
+        /// re-reading them fails.
+        last_good: Mutex<Arc<ClientConfig>>,
+    },
+    /// Obtained by node attestation with the pod's service-account token
+    /// (Kubernetes), held in memory and attested again at half life.
+    Attested {
+        token_file: PathBuf,
+        current: tokio::sync::Mutex<Option<AttestedCredential>>,
+    },
+}
+
+struct AttestedCredential {
+    config: Arc<ClientConfig>,
+    renew_at: SystemTime,
+    not_after: SystemTime,
 }
 
 impl std::fmt::Debug for CaClient {
@@ -130,7 +154,7 @@ impl CaClient {
     /// Loads the bundle and the node credential (the chain must verify
     /// against the bundle, name a node, and match the key).
     pub fn new(
-        addr: SocketAddr,
+        addr: impl ToString,
         node_chain_pem_path: impl Into<PathBuf>,
         node_key_pem_path: impl Into<PathBuf>,
         bundle_pem_path: impl AsRef<Path>,
@@ -159,14 +183,44 @@ impl CaClient {
         let ca_id = ca_spiffe_id(&trust_domain);
         let (config, node_id) = load_credential(&chain_path, &key_path, &bundles, &ca_id)?;
         Ok(Self {
-            addr,
-            chain_path,
-            key_path,
+            addr: addr.to_string(),
+            credential: NodeCredential::Files {
+                chain_path,
+                key_path,
+                last_good: Mutex::new(Arc::new(config)),
+            },
             bundles,
             trust_domain,
             node_id,
             ca_id,
-            last_good: Mutex::new(Arc::new(config)),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    /// A client that obtains its node credential by attestation: it sends
+    /// the token in `token_file` (read again at each attestation, since the
+    /// kubelet rotates it) and gets a short-lived credential for the node
+    /// the CA finds the token's pod on. `bundles` is the live trust bundle
+    /// (the CA's serving SVID is verified against it).
+    pub fn attested(
+        addr: impl ToString,
+        token_file: impl Into<PathBuf>,
+        node: &str,
+        trust_domain: TrustDomain,
+        bundles: Arc<TrustBundles>,
+    ) -> Result<Self, CaClientError> {
+        let node_id = node_spiffe_id(&trust_domain, node)
+            .map_err(|e| CaClientError::NodeName(node.to_owned(), e))?;
+        Ok(Self {
+            addr: addr.to_string(),
+            credential: NodeCredential::Attested {
+                token_file: token_file.into(),
+                current: tokio::sync::Mutex::new(None),
+            },
+            bundles,
+            ca_id: ca_spiffe_id(&trust_domain),
+            trust_domain,
+            node_id,
             timeout: Duration::from_secs(10),
         })
     }
@@ -178,7 +232,8 @@ impl CaClient {
         self
     }
 
-    /// The trust bundle loaded from `bundle.pem`, to verify peers with.
+    /// The trust bundle (from `bundle.pem`, or the live one given to
+    /// [`attested`](Self::attested)), to verify peers with.
     pub fn bundles(&self) -> Arc<TrustBundles> {
         self.bundles.clone()
     }
@@ -187,12 +242,13 @@ impl CaClient {
         &self.trust_domain
     }
 
-    /// This node's identity, `spiffe://TD/ambit/node/<NODE>`.
+    /// This node's identity, `spiffe://TD/ambit/node/<NODE>` (as expected;
+    /// in attested mode the CA decides).
     pub fn node_id(&self) -> &SpiffeId {
         &self.node_id
     }
 
-    /// The node name from the credential.
+    /// The node name from the credential (or the one configured).
     pub fn node_name(&self) -> &str {
         node_name(&self.node_id).expect("checked when loaded")
     }
@@ -206,35 +262,14 @@ impl CaClient {
         id: &SpiffeId,
         ttl: Option<Duration>,
     ) -> Result<Svid, CaClientError> {
-        let mut key =
-            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaClientError::Generate)?;
-        let spki = key.subject_public_key_info();
-        let pkcs8 = Zeroizing::new(key.serialize_der());
-        let mut params = CertificateParams::default();
-        // The CA ignores everything but the key; send nothing else.
-        params.distinguished_name = DistinguishedName::new();
-        let csr = params.serialize_request(&key);
-        key.zeroize();
-        let csr = csr.map_err(CaClientError::Generate)?;
-
+        let key = NewKey::generate()?;
         let request = Request {
             spiffe_id: id.to_string(),
-            csr: STANDARD.encode(csr.der().as_ref()),
+            csr: key.csr.clone(),
             ttl_secs: ttl.map(|t| t.as_secs()),
         };
-        let config = self.current_config().await;
-        let chain = tokio::time::timeout(self.timeout, self.exchange(config, &request))
-            .await
-            .map_err(|_| CaClientError::Timeout {
-                addr: self.addr,
-                timeout: self.timeout,
-            })??;
-
-        let chain = chain
-            .iter()
-            .map(|c| STANDARD.decode(c).map(CertificateDer::from))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| CaClientError::BadResponse(format!("a certificate is not base64: {e}")))?;
+        let config = self.current_config().await?;
+        let chain = self.exchange_within(config, &request).await?;
         // The SVID is used both to dial and to accept.
         let now = UnixTime::now();
         let got = verify_svid(&chain, &self.bundles, now, PeerRole::Client)
@@ -246,31 +281,104 @@ impl CaClient {
                 want: id.clone(),
             });
         }
-        if leaf_spki(&chain[0]).as_deref() != Some(spki.as_slice()) {
-            return Err(CaClientError::WrongKey);
-        }
-        let cert = SvidCertificate::from_chain(got, chain).map_err(CaClientError::Inspect)?;
-        Ok(Svid::from_parts(cert, SvidKey::from_pkcs8_der(pkcs8)))
+        key.into_svid(got, chain)
     }
 
-    async fn exchange(
+    /// Attests this node with the token now in the token file; returns
+    /// the client configuration presenting the new node credential.
+    async fn attest(&self, token_file: &Path) -> Result<AttestedCredential, CaClientError> {
+        let token = read_file(token_file, "service-account token", TOKEN_HINT)?;
+        let token = String::from_utf8_lossy(&token).trim().to_owned();
+        let key = NewKey::generate()?;
+        let request = AttestRequest {
+            token,
+            csr: key.csr.clone(),
+        };
+        let mut anonymous = anonymous_client_config(self.bundles.clone(), vec![self.ca_id.clone()])
+            .map_err(CaClientError::Tls)?;
+        anonymous.alpn_protocols = vec![ALPN.to_vec()];
+        let chain = self.exchange_within(Arc::new(anonymous), &request).await?;
+        let got = verify_svid(&chain, &self.bundles, UnixTime::now(), PeerRole::Client)
+            .map_err(CaClientError::BadSvid)?;
+        let Some(node) = node_name(&got) else {
+            return Err(CaClientError::BadResponse(format!(
+                "the attestation returned {got}, which is not a node identity"
+            )));
+        };
+        if got != self.node_id {
+            // The CA decides where this pod runs; SVIDs for the pods of the
+            // configured node will be refused.
+            tracing::warn!(
+                attested = node,
+                configured = self.node_name(),
+                "the CA attested this agent's pod on another node than --node-name"
+            );
+        }
+        let svid = key.into_svid(got.clone(), chain)?;
+        let (renew_at, not_after) = (svid.renew_at(), svid.not_after());
+        let mut config = client_config(&svid, self.bundles.clone(), vec![self.ca_id.clone()])
+            .map_err(CaClientError::Tls)?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        tracing::info!(node, serial = %hex::encode(svid.serial()), "node attested to the CA");
+        Ok(AttestedCredential {
+            config: Arc::new(config),
+            renew_at,
+            not_after,
+        })
+    }
+
+    /// One request and its chain, within the client's timeout.
+    async fn exchange_within<T: serde::Serialize>(
         &self,
         config: Arc<ClientConfig>,
-        request: &Request,
-    ) -> Result<Vec<String>, CaClientError> {
-        let addr = self.addr;
-        let tcp = TcpStream::connect(addr)
+        request: &T,
+    ) -> Result<Vec<CertificateDer<'static>>, CaClientError> {
+        let chain = tokio::time::timeout(self.timeout, self.exchange(config, request))
             .await
-            .map_err(|source| CaClientError::Connect { addr, source })?;
+            .map_err(|_| CaClientError::Timeout {
+                addr: self.addr.clone(),
+                timeout: self.timeout,
+            })??;
+        chain
+            .iter()
+            .map(|c| STANDARD.decode(c).map(CertificateDer::from))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CaClientError::BadResponse(format!("a certificate is not base64: {e}")))
+    }
+
+    async fn exchange<T: serde::Serialize>(
+        &self,
+        config: Arc<ClientConfig>,
+        request: &T,
+    ) -> Result<Vec<String>, CaClientError> {
+        let addr = || self.addr.clone();
+        // A host name is resolved now (every address is tried in turn), so
+        // a Service whose address changes is followed.
+        let tcp = TcpStream::connect(self.addr.as_str())
+            .await
+            .map_err(|source| CaClientError::Connect {
+                addr: addr(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
+        let peer = tcp.peer_addr().map_err(|source| CaClientError::Connect {
+            addr: addr(),
+            source,
+        })?;
         // The verifier checks the SPIFFE ID, not this name.
-        let name = ServerName::IpAddress(addr.ip().into());
+        let name = ServerName::IpAddress(peer.ip().into());
         let tls = TlsConnector::from(config)
             .connect(name, tcp)
             .await
-            .map_err(|source| CaClientError::Handshake { addr, source })?;
+            .map_err(|source| CaClientError::Handshake {
+                addr: addr(),
+                source,
+            })?;
         let mut conn = BufReader::new(tls);
-        let io_err = |source| CaClientError::Io { addr, source };
+        let io_err = |source| CaClientError::Io {
+            addr: addr(),
+            source,
+        };
         protocol::write_line(&mut conn, request)
             .await
             .map_err(io_err)?;
@@ -279,11 +387,11 @@ impl CaClient {
         // client's handshake finished, so a refusal shows up here.
         let read = protocol::read_line(&mut conn, &mut line, MAX_LINE_BYTES)
             .await
-            .map_err(|source| CaClientError::Io { addr, source })?;
+            .map_err(io_err)?;
         let _ = conn.shutdown().await;
         match read {
             Line::Complete => {}
-            Line::Eof => return Err(CaClientError::Closed { addr }),
+            Line::Eof => return Err(CaClientError::Closed { addr: addr() }),
             Line::TooLong => {
                 return Err(CaClientError::BadResponse(format!(
                     "the answer is longer than {MAX_LINE_BYTES} bytes"
@@ -305,22 +413,66 @@ impl CaClient {
         }
     }
 
+    /// A configuration presenting the current node credential.
+    async fn current_config(&self) -> Result<Arc<ClientConfig>, CaClientError> {
+        match &self.credential {
+            NodeCredential::Files {
+                chain_path,
+                key_path,
+                last_good,
+            } => Ok(self
+                .config_from_files(chain_path, key_path, last_good)
+                .await),
+            NodeCredential::Attested {
+                token_file,
+                current,
+            } => {
+                let mut current = current.lock().await;
+                let now = SystemTime::now();
+                if let Some(held) = current.as_ref().filter(|held| now < held.renew_at) {
+                    return Ok(held.config.clone());
+                }
+                match self.attest(token_file).await {
+                    Ok(fresh) => {
+                        let config = fresh.config.clone();
+                        *current = Some(fresh);
+                        Ok(config)
+                    }
+                    // Past half life but still valid: keep using it.
+                    Err(e) => match current.as_ref().filter(|held| now < held.not_after) {
+                        Some(held) => {
+                            tracing::warn!(error = %e,
+                                "cannot renew the node credential; using the current one until it expires");
+                            Ok(held.config.clone())
+                        }
+                        None => Err(e),
+                    },
+                }
+            }
+        }
+    }
+
     /// A configuration from the node credential as it is on disk now, or
     /// the last good one if the files cannot be used.
-    async fn current_config(&self) -> Arc<ClientConfig> {
+    async fn config_from_files(
+        &self,
+        chain_path: &Path,
+        key_path: &Path,
+        last_good: &Mutex<Arc<ClientConfig>>,
+    ) -> Arc<ClientConfig> {
         // The CA replaces the key and then the chain; a reader that catches
         // the gap sees a mismatch, so retry briefly.
         let mut attempt = 0;
         loop {
-            match load_credential(&self.chain_path, &self.key_path, &self.bundles, &self.ca_id) {
+            match load_credential(chain_path, key_path, &self.bundles, &self.ca_id) {
                 Ok((config, node_id)) if node_id == self.node_id => {
                     let config = Arc::new(config);
-                    *self.last_good.lock().unwrap_or_else(|e| e.into_inner()) = config.clone();
+                    *last_good.lock().unwrap_or_else(|e| e.into_inner()) = config.clone();
                     return config;
                 }
                 Ok((_, node_id)) => {
                     tracing::warn!(
-                        file = %self.chain_path.display(), now = %node_id, was = %self.node_id,
+                        file = %chain_path.display(), now = %node_id, was = %self.node_id,
                         "the node credential now names another node; keeping the old one"
                     );
                 }
@@ -334,12 +486,51 @@ impl CaClient {
                     tracing::warn!(error = %e, "cannot reload the node credential; using the last good one");
                 }
             }
-            return self
-                .last_good
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            return last_good.lock().unwrap_or_else(|e| e.into_inner()).clone();
         }
+    }
+}
+
+/// A key generated for one request and the CSR sent for it; the key
+/// never leaves this process.
+struct NewKey {
+    spki: Vec<u8>,
+    pkcs8: Zeroizing<Vec<u8>>,
+    /// Base64 DER PKCS#10.
+    csr: String,
+}
+
+impl NewKey {
+    fn generate() -> Result<Self, CaClientError> {
+        let mut key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaClientError::Generate)?;
+        let spki = key.subject_public_key_info();
+        let pkcs8 = Zeroizing::new(key.serialize_der());
+        let mut params = CertificateParams::default();
+        // The CA ignores everything but the key; send nothing else.
+        params.distinguished_name = DistinguishedName::new();
+        let csr = params.serialize_request(&key);
+        key.zeroize();
+        let csr = csr.map_err(CaClientError::Generate)?;
+        Ok(Self {
+            spki,
+            pkcs8,
+            csr: STANDARD.encode(csr.der().as_ref()),
+        })
+    }
+
+    /// The SVID of the verified `chain` (ID `id`) with this key, once the
+    /// chain is checked to certify this key.
+    fn into_svid(
+        self,
+        id: SpiffeId,
+        chain: Vec<CertificateDer<'static>>,
+    ) -> Result<Svid, CaClientError> {
+        if chain.first().and_then(leaf_spki).as_deref() != Some(self.spki.as_slice()) {
+            return Err(CaClientError::WrongKey);
+        }
+        let cert = SvidCertificate::from_chain(id, chain).map_err(CaClientError::Inspect)?;
+        Ok(Svid::from_parts(cert, SvidKey::from_pkcs8_der(self.pkcs8)))
     }
 }
 

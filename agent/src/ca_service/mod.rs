@@ -20,10 +20,21 @@
 //!
 //! The node credential is the local-mode stand-in for a Kubernetes projected
 //! service-account token: it is what proves to the CA which node an agent
-//! runs on. In a cluster the CA would instead validate the agent's token
-//! (TokenReview) and look the node up from the pod it names. Node IDs live
-//! under `/ambit/node/`, so they can never collide with a workload ID
-//! (`/ns/<namespace>/sa/<service-account>`).
+//! runs on. Node IDs live under `/ambit/node/`, so they can never collide
+//! with a workload ID (`/ns/<namespace>/sa/<service-account>`).
+//!
+//! # In the cluster (`--kubernetes`, [`kubernetes`])
+//!
+//! No files: the root is kept in a Secret, the bundle is published to a
+//! ConfigMap the agents follow, the directory is every enrolled pod from
+//! the API, and an agent obtains its node credential by **attestation**: on
+//! a connection without a client certificate (allowed only in this mode)
+//! it sends its pod's projected service-account token and a CSR for a key
+//! it generated; the CA reviews the token (TokenReview, its audience), checks
+//! it is the agents' ServiceAccount, looks up the pod the token is bound to
+//! and issues `spiffe://TD/ambit/node/<spec.nodeName>` for
+//! [`server::DEFAULT_ATTESTED_NODE_TTL`]. The agent then uses it exactly as
+//! a bootstrap credential, and attests again at half life.
 //!
 //! Workload private keys are never written anywhere: the agent generates
 //! each key in memory, sends only a CSR, and the key stays in its process
@@ -43,6 +54,13 @@
 //! ← {"error": "node node1 may not obtain spiffe://…: …"}
 //! ```
 //!
+//! Attestation, the only line a client without a certificate may send (the
+//! answer carries the node credential's chain; the connection then closes):
+//!
+//! ```text
+//! → {"token": "<service-account JWT>", "csr": "<base64 DER PKCS#10>"}
+//! ```
+//!
 //! `ttl_secs` is optional; the CA's `--svid-ttl-secs` is both the default
 //! and the maximum (a longer request is shortened to it). A refused request
 //! leaves the connection open; a malformed line, an oversized line or a
@@ -50,6 +68,7 @@
 
 mod bootstrap;
 pub mod client;
+pub mod kubernetes;
 mod pem;
 mod protocol;
 mod root_store;

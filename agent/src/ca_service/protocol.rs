@@ -16,6 +16,17 @@ pub(super) struct Request {
     pub ttl_secs: Option<u64>,
 }
 
+/// Node attestation (Kubernetes mode), the only request an unauthenticated
+/// connection may send: the agent's projected service-account token and a
+/// CSR for the node credential's key, which the agent generated.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AttestRequest {
+    pub token: String,
+    /// Base64 (standard alphabet, padded) DER PKCS#10.
+    pub csr: String,
+}
+
 /// The answer: a chain (leaf first, base64 DER) or an error message.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

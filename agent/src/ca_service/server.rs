@@ -20,8 +20,10 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    ALPN, DEFAULT_PORT, MAX_LINE_BYTES, bootstrap, ca_spiffe_id, node_name, node_spiffe_id,
-    protocol::{self, Line, Request, Response},
+    ALPN, DEFAULT_PORT, MAX_LINE_BYTES, bootstrap, ca_spiffe_id,
+    kubernetes::{self as cluster, KubernetesCaConfig, attest::Attestor},
+    node_name, node_spiffe_id,
+    protocol::{self, AttestRequest, Line, Request, Response},
 };
 use crate::{
     audit::format_rfc3339,
@@ -59,6 +61,14 @@ pub struct CaServerConfig {
     pub idle_timeout: Duration,
     /// Connections served at once; more are closed on accept.
     pub max_connections: usize,
+    /// `Some`: run in the cluster (root in a Secret, bundle in a ConfigMap,
+    /// directory from the API, node attestation by token); `directory`,
+    /// `bootstrap_dir` and `root_dir` are then unused.
+    pub kubernetes: Option<KubernetesCaConfig>,
+    /// TTL of a node credential obtained by attestation; the agent attests
+    /// again at half life, so a node whose agent pod is gone loses access
+    /// within it.
+    pub attested_node_ttl: Duration,
 }
 
 impl CaServerConfig {
@@ -76,9 +86,22 @@ impl CaServerConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            kubernetes: None,
+            attested_node_ttl: DEFAULT_ATTESTED_NODE_TTL,
+        }
+    }
+
+    /// The defaults of `ambit ca --kubernetes`.
+    pub fn in_cluster(kubernetes: KubernetesCaConfig) -> Self {
+        Self {
+            kubernetes: Some(kubernetes),
+            ..Self::new(PathBuf::new(), PathBuf::new())
         }
     }
 }
+
+/// Default TTL of an attested node credential.
+pub const DEFAULT_ATTESTED_NODE_TTL: Duration = Duration::from_secs(600);
 
 /// Why the CA could not start or stopped.
 #[derive(Debug, Error)]
@@ -90,6 +113,8 @@ pub enum CaServerError {
     SvidTtl(Duration),
     #[error("cannot use the workload directory: {0}")]
     Directory(String),
+    #[error("cannot start in the cluster: {0}")]
+    Kubernetes(String),
     #[error("cannot create the certificate authority: {0}")]
     Ca(#[source] CaError),
     #[error(transparent)]
@@ -129,6 +154,8 @@ pub struct CaServer {
     serving_renew_at: SystemTime,
     bootstrap_dir: PathBuf,
     bootstrap_ttl: Duration,
+    /// Kubernetes mode: no bootstrap files, nodes attest with tokens.
+    in_cluster: bool,
 }
 
 struct State {
@@ -141,6 +168,10 @@ struct State {
     handshake_timeout: Duration,
     idle_timeout: Duration,
     connections: Arc<Semaphore>,
+    /// Kubernetes mode: verifies the tokens of anonymous clients.
+    attestor: Option<Attestor>,
+    attested_node_ttl: Duration,
+    accepted: AcceptedClients,
 }
 
 impl CaServer {
@@ -150,31 +181,60 @@ impl CaServer {
         if !(MIN_SVID_TTL..=MAX_SVID_TTL).contains(&config.svid_ttl) {
             return Err(CaServerError::SvidTtl(config.svid_ttl));
         }
-        let directory = file::watch(&config.directory, config.reload_interval)
-            .map_err(|e| CaServerError::Directory(format!("{e:#}")))?;
-        let ca = match &config.root_dir {
-            Some(dir) => {
-                let (ca, created) = super::root_store::load_or_create(dir, &config.trust_domain)?;
-                tracing::info!(root_dir = %dir.display(), created, "CA root kept on disk");
-                ca
+        let (ca, roots, directory, attestor) = match &config.kubernetes {
+            Some(kubernetes) => {
+                let started = cluster::start(kubernetes, &config.trust_domain)
+                    .await
+                    .map_err(|e| CaServerError::Kubernetes(format!("{e:#}")))?;
+                (
+                    started.ca,
+                    started.roots,
+                    started.directory,
+                    Some(started.attestor),
+                )
             }
             None => {
-                CertificateAuthority::new(config.trust_domain.clone()).map_err(CaServerError::Ca)?
+                let directory = file::watch(&config.directory, config.reload_interval)
+                    .map_err(|e| CaServerError::Directory(format!("{e:#}")))?;
+                let ca = match &config.root_dir {
+                    Some(dir) => {
+                        let (ca, created) =
+                            super::root_store::load_or_create(dir, &config.trust_domain)?;
+                        tracing::info!(root_dir = %dir.display(), created, "CA root kept on disk");
+                        ca
+                    }
+                    None => CertificateAuthority::new(config.trust_domain.clone())
+                        .map_err(CaServerError::Ca)?,
+                };
+                let roots = vec![ca.root_certificate().clone()];
+                (ca, roots, directory, None)
             }
         };
         let mut bundles = TrustBundles::new();
-        bundles
-            .add_root(config.trust_domain.clone(), ca.root_certificate())
-            .map_err(|e| CaServerError::Tls(e.into()))?;
+        for root in &roots {
+            bundles
+                .add_root(config.trust_domain.clone(), root)
+                .map_err(|e| CaServerError::Tls(e.into()))?;
+        }
         let bundles = Arc::new(bundles);
         let ca_id = ca_spiffe_id(&config.trust_domain);
-        let (tls, serving_renew_at) = serving_config(&ca, &ca_id, &bundles, config.bootstrap_ttl)?;
+        let accepted = if attestor.is_some() {
+            AcceptedClients::AnyOrAnonymous
+        } else {
+            AcceptedClients::Any
+        };
+        let (tls, serving_renew_at) =
+            serving_config(&ca, &ca_id, &bundles, config.bootstrap_ttl, accepted)?;
 
-        let bundle_path = bootstrap::write_bundle(&config.bootstrap_dir, ca.root_certificate())
-            .map_err(|source| CaServerError::Write {
-                path: bootstrap::bundle_path(&config.bootstrap_dir),
-                source,
-            })?;
+        let in_cluster = config.kubernetes.is_some();
+        if !in_cluster {
+            bootstrap::write_bundle(&config.bootstrap_dir, ca.root_certificate()).map_err(
+                |source| CaServerError::Write {
+                    path: bootstrap::bundle_path(&config.bootstrap_dir),
+                    source,
+                },
+            )?;
+        }
 
         let listener =
             TcpListener::bind(config.listen)
@@ -200,6 +260,9 @@ impl CaServer {
             handshake_timeout: config.handshake_timeout,
             idle_timeout: config.idle_timeout,
             connections: Arc::new(Semaphore::new(config.max_connections)),
+            attestor,
+            attested_node_ttl: config.attested_node_ttl,
+            accepted,
         });
         let mut server = Self {
             listener,
@@ -209,18 +272,23 @@ impl CaServer {
             serving_renew_at,
             bootstrap_dir: config.bootstrap_dir,
             bootstrap_ttl: config.bootstrap_ttl,
+            in_cluster,
         };
         // At start a node credential that cannot be written is fatal; later
         // (new nodes, renewals) it is logged and retried.
         let current = server.directory.borrow_and_update().clone();
-        for node in nodes_of(server.state.ca.trust_domain(), &current) {
-            server.write_node(&node)?;
+        if !in_cluster {
+            for node in nodes_of(server.state.ca.trust_domain(), &current) {
+                server.write_node(&node)?;
+            }
         }
         tracing::info!(
             listen = %local_addr,
             trust_domain = %config.trust_domain,
-            bundle = %bundle_path.display(),
+            in_cluster,
+            bundle = %if in_cluster { "ConfigMap".to_owned() } else { server.bundle_path().display().to_string() },
             nodes = ?server.nodes.keys().collect::<Vec<_>>(),
+            workloads = current.workloads.len(),
             "CA ready"
         );
         Ok(server)
@@ -303,6 +371,10 @@ impl CaServer {
     }
 
     fn on_directory_change(&mut self, current: &NodeWorkloads) {
+        if self.in_cluster {
+            // Nodes attest; there are no credentials to write.
+            return;
+        }
         let nodes = nodes_of(self.state.ca.trust_domain(), current);
         for node in &nodes {
             if !self.nodes.contains_key(node)
@@ -325,6 +397,7 @@ impl CaServer {
                 &self.state.ca_id,
                 &self.state.bundles,
                 self.bootstrap_ttl,
+                self.state.accepted,
             ) {
                 Ok((tls, renew_at)) => {
                     *self.state.tls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tls);
@@ -396,6 +469,7 @@ fn serving_config(
     ca_id: &SpiffeId,
     bundles: &Arc<TrustBundles>,
     ttl: Duration,
+    accepted: AcceptedClients,
 ) -> Result<(ServerConfig, SystemTime), CaServerError> {
     let svid = ca
         .issue_svid(ca_id, Some(ttl))
@@ -404,8 +478,7 @@ fn serving_config(
             source,
         })?;
     // TLS 1.3 only, ring provider, SPIFFE client verifier, no resumption.
-    let mut tls =
-        server_config(&svid, bundles.clone(), AcceptedClients::Any).map_err(CaServerError::Tls)?;
+    let mut tls = server_config(&svid, bundles.clone(), accepted).map_err(CaServerError::Tls)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     Ok((tls, svid.renew_at()))
 }
@@ -500,6 +573,17 @@ async fn serve_connection(state: &State, stream: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    if tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_none_or(<[_]>::is_empty)
+    {
+        // Only possible in Kubernetes mode (client certificates are
+        // optional there): the one request allowed is an attestation.
+        serve_attestation(state, BufReader::new(tls), peer).await;
+        return;
+    }
     let client_id = match peer_spiffe_id(tls.get_ref().1) {
         Ok(id) => id,
         Err(e) => {
@@ -558,6 +642,49 @@ async fn serve_connection(state: &State, stream: TcpStream, peer: SocketAddr) {
     let _ = tokio::time::timeout(CLOSE_TIME, conn.shutdown()).await;
 }
 
+/// One attestation on an unauthenticated connection, then close.
+async fn serve_attestation<S: AsyncRead + AsyncWrite + Unpin>(
+    state: &State,
+    mut conn: BufReader<S>,
+    peer: SocketAddr,
+) {
+    let mut line = Vec::new();
+    let read = tokio::time::timeout(
+        state.idle_timeout,
+        protocol::read_line(&mut conn, &mut line, MAX_LINE_BYTES),
+    )
+    .await;
+    let fatal = match read {
+        Err(_) | Ok(Err(_)) | Ok(Ok(Line::Eof)) => return,
+        Ok(Ok(Line::TooLong)) => Fatal::LineTooLong.to_string(),
+        Ok(Ok(Line::Complete)) => match serde_json::from_slice::<AttestRequest>(&line) {
+            Err(e) => format!(
+                "a client without a certificate may only attest with \
+                 {{\"token\": ..., \"csr\": ...}}: {e}"
+            ),
+            Ok(request) => {
+                let response = state.attest(peer, request).await;
+                if send(&mut conn, &response, state.idle_timeout).await.is_ok() {
+                    let _ = tokio::time::timeout(CLOSE_TIME, conn.shutdown()).await;
+                }
+                return;
+            }
+        },
+    };
+    tracing::warn!(%peer, reason = %fatal, "closing an unauthenticated CA connection after a bad request");
+    close_after_error(conn, &fatal, state.idle_timeout).await;
+}
+
+/// The answer carrying `cert`'s chain, base64 DER, leaf first.
+fn chain_response(cert: &SvidCertificate) -> Response {
+    Response::chain(
+        cert.chain()
+            .iter()
+            .map(|c| STANDARD.encode(c.as_ref()))
+            .collect(),
+    )
+}
+
 /// How long closing a connection may take (sending close_notify, draining).
 const CLOSE_TIME: Duration = Duration::from_secs(1);
 
@@ -603,6 +730,53 @@ async fn close_after_error<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 impl State {
+    /// Node attestation: verifies the token, then issues the node credential
+    /// of the node the token's pod is scheduled on, for the CSR's key.
+    async fn attest(&self, peer: SocketAddr, request: AttestRequest) -> Response {
+        let Some(attestor) = &self.attestor else {
+            return Response::error("this CA does not accept node attestation");
+        };
+        let pod = match attestor.attest(&request.token).await {
+            Ok(pod) => pod,
+            Err(e) => {
+                tracing::warn!(%peer, reason = %e, "refused node attestation");
+                return Response::error(format!("node attestation refused: {e}"));
+            }
+        };
+        let issued = node_spiffe_id(self.ca.trust_domain(), &pod.node)
+            .map_err(|e| {
+                format!(
+                    "node name {:?} is not one SPIFFE path segment: {e}",
+                    pod.node
+                )
+            })
+            .and_then(|id| {
+                let csr = STANDARD
+                    .decode(request.csr.as_bytes())
+                    .map_err(|e| format!("csr is not valid base64: {e}"))?;
+                self.ca
+                    .issue_for_csr(&id, Some(self.attested_node_ttl), &csr)
+                    .map_err(|e| e.to_string())
+            });
+        match issued {
+            Ok(cert) => {
+                tracing::info!(
+                    %peer,
+                    node = pod.node,
+                    pod = %format!("{}/{}", pod.namespace, pod.name),
+                    serial = %hex::encode(cert.serial()),
+                    not_after = %format_rfc3339(time::OffsetDateTime::from(cert.not_after())),
+                    "node attested"
+                );
+                chain_response(&cert)
+            }
+            Err(reason) => {
+                tracing::warn!(%peer, node = pod.node, %reason, "refused node attestation");
+                Response::error(format!("node attestation refused: {reason}"))
+            }
+        }
+    }
+
     /// Answers one request, logging the issuance or the refusal.
     fn handle(&self, node: &str, request: Request) -> Response {
         match self.issue(node, &request) {
@@ -614,12 +788,7 @@ impl State {
                     not_after = %format_rfc3339(time::OffsetDateTime::from(cert.not_after())),
                     "issued SVID"
                 );
-                Response::chain(
-                    cert.chain()
-                        .iter()
-                        .map(|c| STANDARD.encode(c.as_ref()))
-                        .collect(),
-                )
+                chain_response(&cert)
             }
             Err(refusal) => {
                 tracing::warn!(

@@ -65,3 +65,19 @@ pub fn client_config(
     config.alpn_protocols = vec![crate::tunnel::ALPN.to_vec()];
     Ok(config)
 }
+
+/// Client side without a certificate of its own (an agent attesting to the
+/// CA with a token): the server must still present an SVID naming one of
+/// `expected`.
+pub fn anonymous_client_config(
+    bundles: Arc<TrustBundles>,
+    expected: Vec<SpiffeId>,
+) -> Result<ClientConfig, rustls::Error> {
+    let mut config = ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundles, expected)))
+        .with_no_client_auth();
+    config.resumption = Resumption::disabled();
+    Ok(config)
+}

@@ -4,7 +4,11 @@
 //! a CA and whose keyUsage fits, and a path that ends in the bundle of the
 //! trust domain that ID names, never any other.
 
-use std::{collections::HashMap, fmt, sync::Arc, sync::LazyLock};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, LazyLock, PoisonError, RwLock},
+};
 
 use rustls::{
     CertificateError, CommonState, DigitallySignedStruct, DistinguishedName, OtherError,
@@ -123,11 +127,27 @@ impl PeerRole {
     }
 }
 
+type Anchors = HashMap<TrustDomain, Vec<TrustAnchor<'static>>>;
+
 /// X.509 roots per trust domain. A peer is only ever checked against the
 /// roots of the trust domain in its own SPIFFE ID.
-#[derive(Clone, Default)]
+///
+/// Shared as `Arc<TrustBundles>` by every verifier of a process, and
+/// replaceable in place ([`replace`](Self::replace)): a bundle the CA
+/// publishes later (a root rotation) applies to the next handshake of every
+/// tunnel and CA connection, without rebuilding their configurations.
+#[derive(Default)]
 pub struct TrustBundles {
-    bundles: HashMap<TrustDomain, Vec<TrustAnchor<'static>>>,
+    current: RwLock<Arc<Anchors>>,
+}
+
+impl Clone for TrustBundles {
+    /// A copy of the current roots, replaced independently of `self`.
+    fn clone(&self) -> Self {
+        Self {
+            current: RwLock::new(self.snapshot()),
+        }
+    }
 }
 
 impl TrustBundles {
@@ -147,23 +167,39 @@ impl TrustBundles {
                 source,
             })?
             .to_owned();
-        self.bundles.entry(trust_domain).or_default().push(anchor);
+        let current = self
+            .current
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::make_mut(current)
+            .entry(trust_domain)
+            .or_default()
+            .push(anchor);
         Ok(())
     }
 
-    fn anchors(&self, trust_domain: &str) -> Option<&[TrustAnchor<'static>]> {
-        self.bundles.get(trust_domain).map(Vec::as_slice)
+    /// Makes `next`'s roots the ones every holder of `self` verifies with
+    /// from now on (handshakes in progress finish with the old ones).
+    pub fn replace(&self, next: TrustBundles) {
+        let next = next.snapshot();
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = next;
+    }
+
+    /// How many roots the bundle of `trust_domain` holds.
+    pub fn root_count(&self, trust_domain: &str) -> usize {
+        self.snapshot().get(trust_domain).map_or(0, Vec::len)
+    }
+
+    fn snapshot(&self) -> Arc<Anchors> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
 impl fmt::Debug for TrustBundles {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let current = self.snapshot();
         f.debug_map()
-            .entries(
-                self.bundles
-                    .iter()
-                    .map(|(td, roots)| (td.as_str(), roots.len())),
-            )
+            .entries(current.iter().map(|(td, roots)| (td.as_str(), roots.len())))
             .finish()
     }
 }
@@ -203,8 +239,10 @@ fn verify_parts(
     let cert = parse_leaf(leaf)?;
     let id = spiffe_id_of(&cert)?;
     let trust_domain = id.trust_domain();
-    let anchors = bundles
-        .anchors(trust_domain)
+    let snapshot = bundles.snapshot();
+    let anchors = snapshot
+        .get(trust_domain)
+        .map(Vec::as_slice)
         .ok_or_else(|| SvidError::UnknownTrustDomain(trust_domain.to_owned()))?;
     check_leaf_constraints(&cert)?;
 
@@ -315,6 +353,10 @@ pub enum AcceptedClients {
     /// Any SVID of a trusted domain (the CA service, which authorizes by
     /// node identity itself).
     Any,
+    /// Any SVID, or no certificate at all: the CA service in Kubernetes,
+    /// where an agent without a node credential yet attests with its
+    /// service-account token over a server-authenticated connection.
+    AnyOrAnonymous,
 }
 
 /// Server side: requires a client SVID from any trust domain in the bundles,
@@ -338,7 +380,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.accepted != AcceptedClients::AnyOrAnonymous
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {

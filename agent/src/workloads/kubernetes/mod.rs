@@ -12,6 +12,7 @@
 //! back off on errors (kube-runtime's defaults). While the API server is
 //! unreachable nothing is published, so the last known state keeps serving.
 
+pub mod cluster_directory;
 pub mod local_pods;
 pub mod netns_locator;
 pub mod probes;
@@ -147,7 +148,7 @@ where
 /// default (30 s cap) so that a node agent notices a returning API server
 /// within seconds, not a minute; the jitter still spreads a cluster's
 /// agents apart.
-fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
+pub(crate) fn watch_backoff() -> ResetTimerBackoff<ExponentialBackoff> {
     let builder = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
         .with_max_delay(Duration::from_secs(10))

@@ -169,12 +169,12 @@ impl<T: PartialEq> Reduced<T> {
         self.synced
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&ObjectKey, &T)> {
-        self.live.iter()
-    }
-
     pub fn get(&self, key: &ObjectKey) -> Option<&T> {
         self.live.get(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&ObjectKey, &T)> {
+        self.live.iter()
     }
 
     pub fn len(&self) -> usize {
