@@ -149,6 +149,14 @@ impl Testbed {
             .path()
             .join(format!("workloads-n{}.yaml", node.index));
         let mut args: Vec<String> = ["--log-format", "json", "run"].map(String::from).to_vec();
+        // A Kubernetes agent's CNI socket and records default to the host's
+        // /var/run/ambit: a test agent must never touch them.
+        if extra.contains(&"--kubernetes") && !extra.contains(&"--cni-socket") {
+            anyhow::bail!(
+                "a Kubernetes test agent needs its own --cni-socket and --state-dir \
+                 (Testbed::start_kubernetes_agent_with gives them)"
+            );
+        }
         // The workloads file and --kubernetes are exclusive.
         if !extra.contains(&"--kubernetes") {
             args.extend(["--workloads".into(), workloads_file.display().to_string()]);

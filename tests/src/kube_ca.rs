@@ -198,21 +198,18 @@ impl Testbed {
         ca_addr: &str,
         token_file: &Path,
     ) -> Result<Agent> {
-        self.bridge_api_server(node, cp)?;
-        self.start_agent_with(
+        let token_file = token_file.display().to_string();
+        self.start_kubernetes_agent_with(
             node,
+            cp,
+            kubeconfig,
             &[
-                "--kubernetes",
-                "--kubeconfig",
-                &kubeconfig.display().to_string(),
-                "--node-name",
-                &format!("node{node}"),
                 "--namespace",
                 RELEASE_NAMESPACE,
                 "--ca-addr",
                 ca_addr,
                 "--ca-token-file",
-                &token_file.display().to_string(),
+                &token_file,
             ],
         )
     }

@@ -16,7 +16,7 @@ use ambit_testbed::{
     agent::Agent,
     cni_chain::{CniChain, PluginRun, SUBNET, SandboxNetns, k8s_args},
     exec::host_cmd,
-    kube_pods::{Sandbox, kube_pod},
+    kube_pods::{Sandbox, agent_kubeconfig, kube_pod},
     wait_until,
 };
 use anyhow::{Context, Result, ensure};
@@ -41,6 +41,8 @@ struct CniMesh {
     ns: String,
     server: Pod,
     agent0: Agent,
+    /// The agents' credentials: the chart's ServiceAccount.
+    agent_kubeconfig: PathBuf,
     _agent1: Agent,
     _ca: Agent,
     chain: CniChain,
@@ -117,8 +119,10 @@ fn cni_mesh(prefix: &str, predating: &[&str]) -> Result<(CniMesh, Vec<Pod>)> {
     for pod in &old {
         tb.run_kube_pod(cp, &ns, pod, &kube_pod(pod, &tb, &pod.name))?;
     }
-    let agent1 = tb.start_kubernetes_agent(1, cp, &cp.kubeconfig)?;
-    let agent0 = tb.start_kubernetes_agent(0, cp, &cp.kubeconfig)?;
+    // The agents run as the chart's ServiceAccount (RBAC and CRD installed).
+    let agent_kubeconfig = agent_kubeconfig(cp)?;
+    let agent1 = tb.start_kubernetes_agent(1, cp, &agent_kubeconfig)?;
+    let agent0 = tb.start_kubernetes_agent(0, cp, &agent_kubeconfig)?;
     let chain = CniChain::new(&tb)?;
     let socket = tb.cni_socket(0).display().to_string();
     let kubeconfig = cp.kubeconfig.display().to_string();
@@ -136,6 +140,7 @@ fn cni_mesh(prefix: &str, predating: &[&str]) -> Result<(CniMesh, Vec<Pod>)> {
         ns,
         server,
         agent0,
+        agent_kubeconfig,
         _agent1: agent1,
         _ca: ca,
         chain,
@@ -231,8 +236,12 @@ fn a_pod_added_through_cni_is_tunnelled_from_its_first_connection_and_older_pods
     // A pod that predates the plugin (a process in its cgroup, no CNI
     // record) is captured by the agent at start, found through /proc.
     let capture = tb.capture_link("predating")?;
-    wait_until(secs(30), || mesh.echo_once(&old[0], "predating-7d1e"))
-        .context("the predating pod never reached the server")?;
+    wait_until(secs(30), || mesh.echo_once(&old[0], "predating-7d1e")).with_context(|| {
+        format!(
+            "the predating pod never reached the server:\n{}",
+            mesh.agent0.raw_log()
+        )
+    })?;
     ensure!(
         !capture.saw_in_clear(tb, "predating-7d1e")?,
         "the predating pod's traffic crossed in clear:\n{}",
@@ -375,7 +384,7 @@ fn fifty_enrolled_pods_stay_captured_through_an_agent_sigkill_and_a_pod_added_me
     })
     .context("the apps stopped trying while the agent was down")?;
 
-    let agent0 = tb.restart_kubernetes_agent(0, &mesh.cp.kubeconfig)?;
+    let agent0 = tb.restart_kubernetes_agent(0, &mesh.agent_kubeconfig)?;
     let at_restart: Vec<usize> = pods.iter().map(|p| client_lines(tb, p).len()).collect();
 
     // The kubelet retries the failed sandbox (DEL, then ADD) until it

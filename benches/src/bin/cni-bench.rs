@@ -24,7 +24,9 @@ fn main() -> Result<()> {
     cp.kubectl
         .run(&["label", "namespace", &ns, "ambit.dev/mesh=enabled"])?;
     let tb = Testbed::new(1)?;
-    let agent = tb.start_kubernetes_agent(0, &cp, &cp.kubeconfig)?;
+    // The agent runs as the chart's ServiceAccount (RBAC and CRD installed).
+    let agent_kubeconfig = ambit_testbed::kube_pods::agent_kubeconfig(&cp)?;
+    let agent = tb.start_kubernetes_agent(0, &cp, &agent_kubeconfig)?;
     let chain = CniChain::new(&tb)?;
     let socket = tb.cni_socket(0).display().to_string();
     let kubeconfig = cp.kubeconfig.display().to_string();
