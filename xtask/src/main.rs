@@ -30,7 +30,9 @@ enum Task {
     },
     /// Run the demo: a simulated node with pods, an agent, and real clients.
     Demo,
-    /// Run the mesh benchmark (plain vs captured traffic) and criterion benches.
+    /// Run the benchmarks with release builds: the mesh benchmark (plain vs
+    /// captured traffic), CNI ADD latency over 100 pods (cni-bench), and the
+    /// agent's footprint against cluster size (kube-scale).
     Bench,
     /// Render deploy/manifests/ambit.yaml from the Helm chart in deploy/chart.
     RenderManifests,
@@ -43,7 +45,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test { args } => test(&args),
         Task::Demo => run_with_release_agent("ambit-testbed", "ambit-demo"),
-        Task::Bench => run_with_release_agent("ambit-benches", "mesh-bench"),
+        Task::Bench => bench(),
         Task::RenderManifests => deploy::render_manifests(),
         Task::CheckDeploy => deploy::check(),
     }
@@ -83,6 +85,36 @@ fn test(extra: &[String]) -> Result<()> {
             .args(["nextest", "run", "--workspace", "--no-fail-fast"])
             .args(extra),
     )
+}
+
+/// The benchmark binaries, each against release builds of the agent and
+/// the CNI plugin.
+fn bench() -> Result<()> {
+    setup::run()?;
+    exec(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "ambit-agent",
+        "--package",
+        "ambit-cni",
+    ]))?;
+    for bin in ["mesh-bench", "cni-bench", "kube-scale"] {
+        exec(
+            cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "--package",
+                    "ambit-benches",
+                    "--bin",
+                    bin,
+                ])
+                .env("AMBIT_BIN", "target/release/ambit")
+                .env("AMBIT_CNI_BIN", "target/release/ambit-cni"),
+        )?;
+    }
+    Ok(())
 }
 
 /// Builds the agent in release mode and runs a testbed binary against it.
