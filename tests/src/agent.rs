@@ -43,6 +43,12 @@ impl WorkloadEntry {
         }
     }
 
+    /// The same pod in Kubernetes namespace `namespace`.
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
     /// The same pod under service account `name`.
     pub fn with_service_account(mut self, name: &str) -> Self {
         self.service_account = name.into();

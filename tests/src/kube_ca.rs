@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub use crate::chart::{AGENT_SERVICE_ACCOUNT, CA_SERVICE_ACCOUNT, RELEASE_NAMESPACE};
-use crate::{Agent, ControlPlane, KubePod, Pod, Testbed, agent::CA_PORT, wait_until};
+use crate::{Agent, ControlPlane, Host, KubePod, Pod, Testbed, agent::CA_PORT, wait_until};
 
 /// The audience of agent tokens the CA accepts.
 pub const CA_AUDIENCE: &str = "ambit-ca";
@@ -217,7 +217,7 @@ impl Testbed {
 
 /// Sends `marker` from `from` to the TCP echo server on `to:port`; true
 /// when it came back.
-pub fn echo(tb: &Testbed, from: &Pod, to: &Pod, port: u16, marker: &str) -> Result<bool> {
+pub fn echo(tb: &Testbed, from: &dyn Host, to: &Pod, port: u16, marker: &str) -> Result<bool> {
     let out = tb.sh(
         from,
         &format!(

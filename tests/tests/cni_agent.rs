@@ -70,9 +70,9 @@ impl CniPod {
 }
 
 fn entry(pod: &Pod, ns: &str, service_account: &str) -> WorkloadEntry {
-    let mut entry = WorkloadEntry::enrolled(pod).with_service_account(service_account);
-    entry.namespace = ns.into();
-    entry
+    WorkloadEntry::enrolled(pod)
+        .with_service_account(service_account)
+        .in_namespace(ns)
 }
 
 /// `predating`: pods of node 0 that run (sandbox process in their cgroup,

@@ -28,19 +28,7 @@ fn secs(n: u64) -> Duration {
 /// Sends `marker` from `from` to the echo server on `to`; true when it
 /// came back.
 fn echo(tb: &Testbed, from: &dyn Host, to: &Pod, marker: &str) -> Result<bool> {
-    echo_on(tb, from, to, ECHO, marker)
-}
-
-/// [`echo`] to any `port` of `to`.
-fn echo_on(tb: &Testbed, from: &dyn Host, to: &Pod, port: u16, marker: &str) -> Result<bool> {
-    let out = tb.sh(
-        from,
-        &format!(
-            "echo {marker} | socat -t 5 - TCP:{}:{port},connect-timeout=5",
-            to.ipv4
-        ),
-    )?;
-    Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == marker)
+    ambit_testbed::kube_ca::echo(tb, from, to, ECHO, marker)
 }
 
 /// Sends a fresh marker from `from` to `to` (retrying while capture and
@@ -101,11 +89,7 @@ fn namespace_and_pod_labels_enroll_pods_on_both_nodes_and_survive_an_api_outage(
     // The CA still reads its directory file: every pod that will run.
     let entries: Vec<WorkloadEntry> = [&a, &late, &b]
         .into_iter()
-        .map(|pod| {
-            let mut entry = WorkloadEntry::enrolled(pod);
-            entry.namespace = ns.clone();
-            entry
-        })
+        .map(|pod| WorkloadEntry::enrolled(pod).in_namespace(&ns))
         .collect();
     let _ca = tb.start_ca(&entries, 3600)?;
     tb.run_kube_pod(&cp, &ns, &a, &kube_pod(&a, &tb, "a"))?;
@@ -359,7 +343,7 @@ fn kubelet_probes_reach_a_strict_pod_from_its_node_and_nothing_else_does() -> Re
         ensure!(body.is_none(), "the node got {path} {args:?}: {body:?}");
     }
     ensure!(
-        !echo_on(&tb, &node, &web, UNPROBED, "node-unprobed")?,
+        !ambit_testbed::kube_ca::echo(&tb, &node, &web, UNPROBED, "node-unprobed")?,
         "the node reached a port no probe declares"
     );
 

@@ -190,11 +190,7 @@ fn scene() -> Result<Scene> {
     tb.http_server(&server, "http", HTTP, BODY)?;
     let entries: Vec<WorkloadEntry> = [&a, &c, &server]
         .into_iter()
-        .map(|pod| {
-            let mut entry = WorkloadEntry::enrolled(pod);
-            entry.namespace = ns.clone();
-            entry
-        })
+        .map(|pod| WorkloadEntry::enrolled(pod).in_namespace(&ns))
         .collect();
     let ca = tb.start_ca(&entries, 3600)?;
     for pod in [&a, &c] {

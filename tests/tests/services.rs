@@ -73,11 +73,7 @@ fn a_cluster_ip_is_sent_through_the_tunnel_to_its_ready_endpoints_in_turn() -> R
     }
     let entries: Vec<WorkloadEntry> = [&client, &ready[0], &ready[1], &not_ready]
         .into_iter()
-        .map(|pod| {
-            let mut entry = WorkloadEntry::enrolled(pod);
-            entry.namespace = ns.clone();
-            entry
-        })
+        .map(|pod| WorkloadEntry::enrolled(pod).in_namespace(&ns))
         .collect();
     let _ca = tb.start_ca(&entries, 3600)?;
     for pod in [&client, &ready[0], &ready[1], &not_ready] {

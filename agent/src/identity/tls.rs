@@ -53,14 +53,10 @@ pub fn client_config(
     bundles: Arc<TrustBundles>,
     expected: Vec<SpiffeId>,
 ) -> Result<ClientConfig, rustls::Error> {
-    let mut config = ClientConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundles, expected)))
-        .with_client_auth_cert(
-            svid.chain().to_vec(),
-            svid.key().private_key_der().clone_key(),
-        )?;
+    let mut config = verifying_client(bundles, expected)?.with_client_auth_cert(
+        svid.chain().to_vec(),
+        svid.key().private_key_der().clone_key(),
+    )?;
     config.resumption = Resumption::disabled();
     config.alpn_protocols = vec![crate::tunnel::ALPN.to_vec()];
     Ok(config)
@@ -73,11 +69,19 @@ pub fn anonymous_client_config(
     bundles: Arc<TrustBundles>,
     expected: Vec<SpiffeId>,
 ) -> Result<ClientConfig, rustls::Error> {
-    let mut config = ClientConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundles, expected)))
-        .with_no_client_auth();
+    let mut config = verifying_client(bundles, expected)?.with_no_client_auth();
     config.resumption = Resumption::disabled();
     Ok(config)
+}
+
+/// TLS 1.3 only, and the server accepted only if its SVID verifies and
+/// names one of `expected`; the client certificate is the caller's choice.
+fn verifying_client(
+    bundles: Arc<TrustBundles>,
+    expected: Vec<SpiffeId>,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>, rustls::Error> {
+    Ok(ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundles, expected))))
 }
