@@ -530,6 +530,7 @@ impl Agent {
                 gate: Arc::clone(&self.gate),
                 bundles: Arc::clone(&self.mesh.bundles),
                 tunnel: *self.mesh.pool.config(),
+                server_config: Default::default(),
             }),
         )));
 

@@ -175,6 +175,15 @@ struct RunArgs {
     /// connections wait for a free stream.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
     tunnel_max_connections_per_peer: u64,
+    /// Tunnel connections per source identity and peer opened as soon as
+    /// every one carries a stream, so concurrent streams use separate cores
+    /// [default: --worker-threads].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    tunnel_parallel_connections: Option<u64>,
+    /// Threads of the proxy's async runtime [default: the CPUs this process
+    /// may run on].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    worker_threads: Option<u64>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -378,6 +387,10 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let nofile = raise_nofile();
+    let workers = match args.worker_threads {
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
     let config = RunConfig {
         capture: CaptureConfig {
             cgroup_path: args.cgroup_path,
@@ -455,9 +468,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             idle_timeout: Duration::from_millis(args.tunnel_idle_timeout_ms),
             max_connections_per_peer: usize::try_from(args.tunnel_max_connections_per_peer)
                 .unwrap_or(usize::MAX),
+            parallel_connections_per_peer: args
+                .tunnel_parallel_connections
+                .map_or(workers, |n| usize::try_from(n).unwrap_or(usize::MAX)),
         },
     };
-    tokio::runtime::Runtime::new()?.block_on(ambit::agent::run(config))
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?
+        .block_on(ambit::agent::run(config))
 }
 
 fn ca(args: CaArgs) -> anyhow::Result<()> {

@@ -20,8 +20,7 @@ use crate::{
     audit,
     gate::{Connection, Gate},
     identity::{
-        AcceptedClients, SpiffeId, TrustBundles, handshake_failure_reason, peer_spiffe_id,
-        server_config,
+        SpiffeId, TrustBundles, TunnelServerConfig, handshake_failure_reason, peer_spiffe_id,
     },
     metrics::HandshakeFailure,
     pod::PodContext,
@@ -34,6 +33,8 @@ pub struct TunnelContext {
     pub bundles: Arc<TrustBundles>,
     /// Handshake timeout and PING liveness of tunnel connections.
     pub tunnel: TunnelConfig,
+    /// Built once per SVID generation, not per accepted connection.
+    pub server_config: TunnelServerConfig,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
@@ -72,7 +73,7 @@ async fn handle_connection(
             reason = "this workload's SVID is not available yet", "tunnel refused");
         return;
     };
-    let config = match server_config(&svid, Arc::clone(&ctx.bundles), AcceptedClients::Workloads) {
+    let config = match ctx.server_config.for_svid(&svid, &ctx.bundles) {
         Ok(config) => config,
         Err(e) => {
             tracing::error!(workload = %ctx.pod.id, error = %e, "cannot build the TLS server configuration");
@@ -84,7 +85,7 @@ async fn handle_connection(
         tracing::debug!(workload = %ctx.pod.id, src = %addr, error = %e, "tunnel socket options not set");
     }
     let local = tcp.local_addr().map(unmapped).unwrap_or(addr);
-    let accept = TlsAcceptor::from(Arc::new(config)).accept(tcp);
+    let accept = TlsAcceptor::from(config).accept(tcp);
     let handshaken = tokio::time::timeout(ctx.tunnel.handshake_timeout, accept).await;
     drop(handshake);
     let tls = match handshaken {

@@ -243,17 +243,17 @@ async fn tunnel_to(
         peer_addr,
         peer: destination.spiffe_id.clone(),
     };
-    let config = client_config(
-        &svid,
-        Arc::clone(&ctx.mesh.bundles),
-        vec![destination.spiffe_id.clone()],
-    )
-    .map_err(|e| format!("building the TLS client configuration: {e}"))?;
     let pod = Arc::clone(&ctx.pod);
     let peer = destination.spiffe_id.clone();
     let tunnel = *ctx.mesh.pool.config();
+    let bundles = Arc::clone(&ctx.mesh.bundles);
+    // Only a new tunnel connection needs a client configuration; a pooled
+    // one is found without building it.
     let connect = move || async move {
         let peer_name: Arc<str> = format!("{peer} at {peer_addr}").into();
+        let config = client_config(&svid, bundles, vec![peer.clone()]).map_err(|e| {
+            std::io::Error::other(format!("building the TLS client configuration: {e}"))
+        })?;
         let tcp = pod.connect(peer_addr).await?;
         let _ = tcp.set_nodelay(true);
         set_liveness_options(&tcp, &tunnel)?;
