@@ -367,7 +367,7 @@ fn parse_u32(text: &str) -> Result<u32, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    let _log_writer = telemetry::init(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Ca(args) => ca(args),
