@@ -217,35 +217,37 @@ fn connections_to_outside_the_mesh_are_captured_and_passed_through() -> Result<(
 #[test]
 fn plaintext_to_a_sidecar_pod_from_outside_the_mesh_is_refused_and_audited() -> Result<()> {
     let sc = scene(&[], &[])?;
-    let (code, body) = sc.tb.curl(&sc.c, &url(&sc.s))?;
-    assert!(
-        (code == 7 || code == 56) && body.is_empty(),
-        "plaintext got an answer: {code} {body:?}"
-    );
+    let over_v6 = format!("http://[{}]:{HTTP}/index.txt", sc.s.ipv6);
+    for target in [url(&sc.s), over_v6] {
+        let (code, body) = sc.tb.curl(&sc.c, &target)?;
+        assert!(
+            (code == 7 || code == 56) && body.is_empty(),
+            "plaintext to {target} got an answer: {code} {body:?}"
+        );
+    }
     assert_eq!(
         served(&sc.tb, "http-s"),
         0,
         "plaintext reached the application"
     );
+    // The original destination, IPv4 and IPv6, is what the client dialled.
     let denied = sc
         .sidecar
-        .wait_for_records("inbound plaintext denied", 1, secs(10))?;
+        .wait_for_records("inbound plaintext denied", 2, secs(10))?;
     assert_eq!(denied[0]["dst"], format!("{}:{HTTP}", sc.s.ipv4));
-    let decisions = wait_decisions(&sc.sidecar, "inbound", 1)?;
-    assert_eq!(decisions[0]["decision"], "deny");
-    assert!(
-        decisions[0]["source"]["spiffe_id"].is_null(),
-        "{}",
-        decisions[0]
-    );
-    assert_eq!(decisions[0]["destination"]["port"], HTTP);
-    assert!(
-        decisions[0]["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("strict")),
-        "{}",
-        decisions[0]
-    );
+    assert_eq!(denied[1]["dst"], format!("[{}]:{HTTP}", sc.s.ipv6));
+    let decisions = wait_decisions(&sc.sidecar, "inbound", 2)?;
+    for decision in &decisions {
+        assert_eq!(decision["decision"], "deny");
+        assert!(decision["source"]["spiffe_id"].is_null(), "{decision}");
+        assert_eq!(decision["destination"]["port"], HTTP);
+        assert!(
+            decision["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("strict")),
+            "{decision}"
+        );
+    }
     // Through the mesh the same request is served.
     assert_eq!(sc.tb.curl(&sc.b, &url(&sc.s))?, (0, BODY_S.to_string()));
     Ok(())
@@ -327,6 +329,36 @@ fn with_the_sidecar_down_the_pod_fails_closed_both_ways() -> Result<()> {
     ensure!(rules.status.success(), "rules gone: {}", stderr(&rules));
     assert!(
         !capture.saw_in_clear(&sc.tb, marker)?,
+        "the marker crossed in clear"
+    );
+    Ok(())
+}
+
+#[test]
+fn two_sidecar_pods_on_different_nodes_talk_through_the_tunnel() -> Result<()> {
+    let mut tb = Testbed::new(2)?;
+    let s = tb.add_pod(0, "s")?;
+    let t = tb.add_pod(1, "t")?;
+    tb.echo_server(&t, "echo-t", ECHO)?;
+    let entries = [
+        WorkloadEntry::with_sidecar(&s),
+        WorkloadEntry::with_sidecar(&t),
+    ];
+    let _ca = tb.start_ca(&entries, 3600)?;
+    let sidecar_s = tb.start_sidecar(&s, &entries, &[])?;
+    let sidecar_t = tb.start_sidecar(&t, &entries, &[])?;
+    let capture = tb.capture_link("link")?;
+    let marker = "sidecar-to-sidecar-marker-3f81";
+    assert_eq!(echo(&tb, &s, &t, marker)?, marker);
+    let closed = sidecar_s.wait_for_records("outbound connection closed", 1, secs(10))?;
+    assert_eq!(closed[0]["peer_spiffe_id"], format!("{TD}/ns/default/sa/t"));
+    let decisions = wait_decisions(&sidecar_t, "inbound", 1)?;
+    assert_eq!(
+        decisions[0]["source"]["spiffe_id"],
+        format!("{TD}/ns/default/sa/s")
+    );
+    assert!(
+        !capture.saw_in_clear(&tb, marker)?,
         "the marker crossed in clear"
     );
     Ok(())
