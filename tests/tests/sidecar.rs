@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use ambit_testbed::{Pod, Testbed, WorkloadEntry, agent::Agent, stderr, wait_until};
+use ambit_testbed::{
+    Pod, Testbed, WorkloadEntry, agent::Agent, link_capture::LinkCapture, stderr, wait_until,
+};
 use anyhow::{Result, ensure};
 use serde_json::Value;
 
@@ -97,6 +99,35 @@ fn wait_decisions(agent: &Agent, direction: &str, n: usize) -> Result<Vec<Value>
     Ok(audit_decisions(agent, direction))
 }
 
+/// `count` outbound connections of `proxy` went through the tunnel to the
+/// identity of service account `peer`.
+fn assert_tunnelled(proxy: &Agent, count: usize, peer: &str) -> Result<()> {
+    let closed = proxy.wait_for_records("outbound connection closed", count, secs(10))?;
+    for record in &closed {
+        assert_eq!(record["mode"], "hbone", "{record}");
+        assert_eq!(
+            record["peer_spiffe_id"],
+            format!("{TD}/ns/default/sa/{peer}")
+        );
+    }
+    Ok(())
+}
+
+/// Stops `capture`: `marker` never crossed the link in clear, and no
+/// packet to or from the applications' ports did.
+fn assert_only_the_tunnel_crossed(tb: &Testbed, capture: &LinkCapture, marker: &str) -> Result<()> {
+    let pcap = capture.stop(tb)?;
+    assert!(
+        !pcap.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the marker crossed the link in clear"
+    );
+    assert_eq!(
+        capture.count(&format!("tcp.port == {ECHO} || tcp.port == {HTTP}"))?,
+        0
+    );
+    Ok(())
+}
+
 #[test]
 fn an_apps_connection_from_a_sidecar_pod_is_captured_and_tunnelled_to_a_node_mode_pod() -> Result<()>
 {
@@ -109,13 +140,7 @@ fn an_apps_connection_from_a_sidecar_pod_is_captured_and_tunnelled_to_a_node_mod
 
     // The sidecar captured both and sent them through the tunnel to b's
     // identity; b's agent saw the sidecar pod's identity.
-    let closed = sc
-        .sidecar
-        .wait_for_records("outbound connection closed", 2, secs(10))?;
-    for record in &closed {
-        assert_eq!(record["mode"], "hbone", "{record}");
-        assert_eq!(record["peer_spiffe_id"], format!("{TD}/ns/default/sa/b"));
-    }
+    assert_tunnelled(&sc.sidecar, 2, "b")?;
     let accepted = sc
         .agent1
         .wait_for_records("inbound connection accepted", 2, secs(10))?;
@@ -133,16 +158,8 @@ fn an_apps_connection_from_a_sidecar_pod_is_captured_and_tunnelled_to_a_node_mod
     }
 
     // Only TLS to the tunnel port crossed the link.
-    let pcap = capture.stop(&sc.tb)?;
-    assert!(
-        !pcap.windows(marker.len()).any(|w| w == marker.as_bytes()),
-        "the marker crossed the link in clear"
-    );
+    assert_only_the_tunnel_crossed(&sc.tb, &capture, marker)?;
     assert!(capture.count("tls.handshake.type == 1 && tcp.dstport == 15008")? >= 1);
-    assert_eq!(
-        capture.count(&format!("tcp.port == {ECHO} || tcp.port == {HTTP}"))?,
-        0
-    );
     // The node agent of node 0 never captured the sidecar pod.
     assert!(sc.agent0.records("workload enrolled").is_empty());
     Ok(())
@@ -159,13 +176,7 @@ fn a_node_mode_pod_reaches_a_sidecar_pod_through_the_tunnel_as_itself() -> Resul
 
     // b's agent tunnelled to the identity the directory gives the sidecar
     // pod; the sidecar verified b's and audited it like a node agent.
-    let closed = sc
-        .agent1
-        .wait_for_records("outbound connection closed", 2, secs(10))?;
-    for record in &closed {
-        assert_eq!(record["mode"], "hbone", "{record}");
-        assert_eq!(record["peer_spiffe_id"], format!("{TD}/ns/default/sa/side"));
-    }
+    assert_tunnelled(&sc.agent1, 2, "side")?;
     let decisions = wait_decisions(&sc.sidecar, "inbound", 2)?;
     for record in &decisions {
         assert_eq!(record["decision"], "allow");
@@ -181,15 +192,7 @@ fn a_node_mode_pod_reaches_a_sidecar_pod_through_the_tunnel_as_itself() -> Resul
         assert_eq!(record["tls_version"], "TLSv1_3");
         assert_eq!(record["node"], "node0");
     }
-    let pcap = capture.stop(&sc.tb)?;
-    assert!(
-        !pcap.windows(marker.len()).any(|w| w == marker.as_bytes()),
-        "the marker crossed the link in clear"
-    );
-    assert_eq!(
-        capture.count(&format!("tcp.port == {ECHO} || tcp.port == {HTTP}"))?,
-        0
-    );
+    assert_only_the_tunnel_crossed(&sc.tb, &capture, marker)?;
     Ok(())
 }
 
