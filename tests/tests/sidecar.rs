@@ -25,6 +25,7 @@ struct Scene {
     b: Pod,
     /// Outside the mesh, node 1.
     c: Pod,
+    entries: Vec<WorkloadEntry>,
     sidecar: Agent,
     agent0: Agent,
     agent1: Agent,
@@ -42,7 +43,7 @@ fn scene(sidecar_args: &[&str], agent_args: &[&str]) -> Result<Scene> {
         tb.echo_server(pod, &format!("echo-{}", pod.name), ECHO)?;
     }
     tb.http_server(&c, "http-c", HTTP, "outside-the-mesh\n")?;
-    let entries = [
+    let entries = vec![
         WorkloadEntry::with_sidecar(&s).with_service_account("side"),
         WorkloadEntry::enrolled(&b),
         WorkloadEntry::opted_out(&c),
@@ -54,6 +55,7 @@ fn scene(sidecar_args: &[&str], agent_args: &[&str]) -> Result<Scene> {
         s,
         b,
         c,
+        entries,
         sidecar,
         agent0,
         agent1,
@@ -305,7 +307,7 @@ fn default_deny_refuses_and_audits_in_both_modes_with_the_same_record_fields() -
 }
 
 #[test]
-fn with_the_sidecar_down_the_pod_fails_closed_both_ways() -> Result<()> {
+fn with_the_sidecar_down_the_pod_fails_closed_both_ways_until_it_is_back() -> Result<()> {
     let sc = scene(&[], &[])?;
     assert_eq!(sc.tb.curl(&sc.s, &url(&sc.b))?, (0, BODY_B.to_string()));
     sc.sidecar.stop_with(libc::SIGKILL)?;
@@ -334,6 +336,11 @@ fn with_the_sidecar_down_the_pod_fails_closed_both_ways() -> Result<()> {
         !capture.saw_in_clear(&sc.tb, marker)?,
         "the marker crossed in clear"
     );
+
+    // A new sidecar (its init replacing the same rules) serves both ways again.
+    let _restarted = sc.tb.start_sidecar(&sc.s, &sc.entries, &[])?;
+    assert_eq!(sc.tb.curl(&sc.s, &url(&sc.b))?, (0, BODY_B.to_string()));
+    assert_eq!(sc.tb.curl(&sc.b, &url(&sc.s))?, (0, BODY_S.to_string()));
     Ok(())
 }
 
