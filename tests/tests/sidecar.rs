@@ -373,3 +373,46 @@ fn two_sidecar_pods_on_different_nodes_talk_through_the_tunnel() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_sidecar_exempted_by_uid_marks_nothing_and_still_captures_the_app() -> Result<()> {
+    let mut tb = Testbed::new(2)?;
+    let s = tb.add_pod(0, "s")?;
+    let b = tb.add_pod(1, "b")?;
+    tb.http_server(&b, "http-b", HTTP, BODY_B)?;
+    let entries = [WorkloadEntry::with_sidecar(&s), WorkloadEntry::enrolled(&b)];
+    let (_ca, _agent0, agent1) = tb.start_mesh(&entries, 3600, [&[], &[]])?;
+    // The sidecar runs as root (uid 0) and is exempt by that uid alone;
+    // the application runs as nobody.
+    let sidecar =
+        tb.start_sidecar_with(&s, &entries, &["--proxy-uid", "0"], &["--socket-mark", "0"])?;
+    let rules = tb.run(&s, &["nft", "list", "table", "inet", "ambit_sidecar"])?;
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.contains("meta skuid 0 return") && !rules.contains("meta mark"),
+        "{rules}"
+    );
+    let out = tb.run(
+        &s,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &url(&b),
+        ],
+    )?;
+    ensure!(out.status.success(), "curl as nobody: {}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), BODY_B);
+    assert_tunnelled(&sidecar, 1, "b")?;
+    let decisions = wait_decisions(&agent1, "inbound", 1)?;
+    assert_eq!(
+        decisions[0]["source"]["spiffe_id"],
+        format!("{TD}/ns/default/sa/s")
+    );
+    Ok(())
+}
