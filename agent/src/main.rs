@@ -416,7 +416,13 @@ fn parse_u32(text: &str) -> Result<u32, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log_writer = telemetry::init(cli.log_format);
+    let _log_writer = match telemetry::init(cli.log_format) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: cannot start the log writer thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Sidecar(args) => sidecar(*args),
