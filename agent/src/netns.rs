@@ -1,63 +1,80 @@
 //! Sockets inside a pod's network namespace.
 //!
 //! A socket belongs to the namespace it was created in, whichever thread
-//! later uses it. Each pod gets one OS thread that has entered the pod's
-//! namespace and creates sockets on request; the async runtime then drives
-//! them like any other socket.
+//! later uses it or whichever namespace that thread is in. So the calling
+//! thread enters the pod's namespace, creates the socket and returns to the
+//! agent's own namespace at once (as ztunnel's InpodNetns does): no thread
+//! per pod and no hop to another thread, two `setns` calls per socket. The
+//! async runtime then drives the socket like any other.
+//!
+//! Returning is not optional: a worker thread left in a pod's namespace
+//! would open the next pod's sockets in the wrong place. [`Entered`] always
+//! returns, on panic too, and aborts the process if it cannot.
 
 use std::{
     fs::File,
     io,
+    marker::PhantomData,
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, IntoRawFd},
     path::{Path, PathBuf},
-    sync::mpsc,
-    thread,
+    sync::LazyLock,
 };
 
 use anyhow::{Context, Result, anyhow};
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, Socket, Type};
 
-type Job = Box<dyn FnOnce() + Send>;
+/// The agent's own network namespace, opened once, before any thread has
+/// entered another one (see [`Netns::open`]).
+static HOME: LazyLock<io::Result<File>> = LazyLock::new(|| File::open("/proc/thread-self/ns/net"));
 
-/// A handle to a thread living in one network namespace.
+fn home() -> Result<&'static File> {
+    HOME.as_ref()
+        .map_err(|e| anyhow!("opening the agent's own network namespace: {e}"))
+}
+
+/// A pod's network namespace, entered by the calling thread for the
+/// moment it takes to create a socket.
 pub struct Netns {
     path: PathBuf,
-    jobs: mpsc::Sender<Job>,
+    file: File,
     cookie: u64,
+    /// The process's own namespace (a sidecar's): nothing to enter.
+    own: bool,
+}
+
+/// The calling thread is inside a pod's namespace until this is dropped.
+/// Not `Send`: it returns the thread it was made on.
+struct Entered {
+    home: &'static File,
+    _thread: PhantomData<*const ()>,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.home, CloneFlags::CLONE_NEWNET) {
+            // Serving on from a pod's namespace would put other pods'
+            // sockets in it: stop instead.
+            eprintln!("ambit: cannot return to the agent's network namespace ({e}): aborting");
+            std::process::abort();
+        }
+    }
 }
 
 impl Netns {
-    /// Enters the namespace at `path` (e.g. /var/run/netns/NAME or
-    /// /proc/PID/ns/net) on a new thread.
+    /// Opens the namespace at `path` (e.g. /var/run/netns/NAME or
+    /// /proc/PID/ns/net) and reads its cookie.
     pub fn open(path: &Path) -> Result<Self> {
+        // Pin the way home while this thread is surely in it.
+        home()?;
         let file = File::open(path)
             .with_context(|| format!("opening network namespace {}", path.display()))?;
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let (entered_tx, entered_rx) = mpsc::channel();
-        let name = format!("netns:{}", path.file_name().unwrap_or_default().display());
-        thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let entered = setns(&file, CloneFlags::CLONE_NEWNET);
-                let ok = entered.is_ok();
-                let _ = entered_tx.send(entered);
-                if ok {
-                    for job in queue {
-                        job();
-                    }
-                }
-            })
-            .context("spawning a namespace thread")?;
-        entered_rx
-            .recv()
-            .map_err(|_| anyhow!("namespace thread exited"))?
-            .with_context(|| format!("entering network namespace {}", path.display()))?;
         let mut netns = Self {
             path: path.to_path_buf(),
-            jobs,
+            file,
             cookie: 0,
+            own: false,
         };
         netns.cookie = netns.run_blocking(|| {
             let probe = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
@@ -68,7 +85,9 @@ impl Netns {
 
     /// The namespace the calling thread is in (a sidecar's: its pod's).
     pub fn current() -> Result<Self> {
-        Self::open(Path::new("/proc/thread-self/ns/net"))
+        let mut netns = Self::open(Path::new("/proc/thread-self/ns/net"))?;
+        netns.own = true;
+        Ok(netns)
     }
 
     /// The kernel's cookie for this namespace, as `bpf_get_netns_cookie` sees it.
@@ -76,36 +95,31 @@ impl Netns {
         self.cookie
     }
 
-    /// Runs `f` on the namespace thread and waits for it (for setup paths).
-    pub fn run_blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Box::new(move || {
-            let _ = tx.send(f());
-        }))?;
-        rx.recv()
-            .map_err(|_| anyhow!("namespace thread dropped a job"))
+    /// `None` when the thread is already there (the process's own namespace).
+    fn enter(&self) -> Result<Option<Entered>> {
+        if self.own {
+            return Ok(None);
+        }
+        let home = home()?;
+        setns(&self.file, CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering network namespace {}", self.path.display()))?;
+        Ok(Some(Entered {
+            home,
+            _thread: PhantomData,
+        }))
     }
 
-    /// Runs `f` on the namespace thread without blocking the async runtime.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.send(Box::new(move || {
-            let _ = tx.send(f());
-        }))?;
-        rx.await
-            .map_err(|_| anyhow!("namespace thread dropped a job"))
+    /// Runs `f` inside the namespace on the calling thread, then returns.
+    /// `f` must be short and must not block (it runs on the async runtime's
+    /// thread when called from it): create sockets, read addresses.
+    pub fn run_blocking<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let _entered = self.enter()?;
+        Ok(f())
     }
 
-    fn send(&self, job: Job) -> Result<()> {
-        self.jobs
-            .send(job)
-            .map_err(|_| anyhow!("namespace thread for {} is gone", self.path.display()))
+    /// [`run_blocking`](Self::run_blocking), for async callers.
+    pub async fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        self.run_blocking(f)
     }
 
     /// A listening TCP socket bound to `addr` inside the namespace. `[::]`
@@ -129,19 +143,22 @@ impl Netns {
     /// Connects, from inside the namespace, a socket carrying `mark` (so the
     /// capture programs let it through) to `dst`.
     pub async fn connect(&self, dst: SocketAddr, mark: u32) -> Result<tokio::net::TcpStream> {
+        let socket = self.tcp_socket(dst, mark)?;
+        Ok(into_tokio(socket).connect(dst).await?)
+    }
+
+    /// A non-blocking TCP socket for `dst`, carrying `mark`, made in the
+    /// namespace (only its creation needs to be there).
+    fn tcp_socket(&self, dst: SocketAddr, mark: u32) -> Result<Socket> {
         let socket = self
-            .run(move || -> io::Result<Socket> {
-                let socket =
-                    Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-                set_mark(&socket, mark)?;
-                socket.set_nonblocking(true)?;
-                socket.set_tcp_nodelay(true)?;
-                Ok(socket)
-            })
-            .await??;
-        // SAFETY: the fd comes from a socket we own and hand over exactly once.
-        let socket = unsafe { tokio::net::TcpSocket::from_raw_fd(socket.into_raw_fd()) };
-        Ok(socket.connect(dst).await?)
+            .run_blocking(|| {
+                Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
+            })?
+            .with_context(|| format!("creating a socket in {}", self.path.display()))?;
+        set_mark(&socket, mark)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        Ok(socket)
     }
 }
 
@@ -181,6 +198,11 @@ fn set_mark(socket: &Socket, mark: u32) -> io::Result<()> {
     socket.set_mark(mark)
 }
 
+fn into_tokio(socket: Socket) -> tokio::net::TcpSocket {
+    // SAFETY: the fd comes from a socket we own and hand over exactly once.
+    unsafe { tokio::net::TcpSocket::from_raw_fd(socket.into_raw_fd()) }
+}
+
 /// SO_NETNS_COOKIE (71): the cookie of the namespace a socket lives in.
 pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -200,4 +222,59 @@ pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    /// The inode of the calling thread's network namespace.
+    fn current_netns() -> u64 {
+        std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+    }
+
+    /// A new, empty network namespace (needs CAP_SYS_ADMIN), kept alive by
+    /// the returned file and reachable at the returned path.
+    fn new_namespace() -> (File, PathBuf) {
+        let file = std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET) needs root");
+            File::open("/proc/thread-self/ns/net").unwrap()
+        })
+        .join()
+        .unwrap();
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        (file, path)
+    }
+
+    #[test]
+    fn sockets_are_made_inside_and_the_thread_comes_back() {
+        let home = current_netns();
+        let (_keep, path) = new_namespace();
+        let netns = Netns::open(&path).unwrap();
+        let inside = netns.run_blocking(current_netns).unwrap();
+        assert_ne!(inside, home);
+        assert_eq!(current_netns(), home);
+        let listener = netns.listen("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+        assert_eq!(netns_cookie(&listener).unwrap(), netns.cookie());
+        let here = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+        assert_ne!(netns_cookie(&here).unwrap(), netns.cookie());
+        // A fresh namespace has only a (down) loopback.
+        assert!(netns.local_addresses().unwrap().is_empty());
+        assert_eq!(current_netns(), home);
+    }
+
+    #[test]
+    fn a_panic_inside_still_returns_the_thread() {
+        let home = current_netns();
+        let (_keep, path) = new_namespace();
+        let netns = Netns::open(&path).unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            netns.run_blocking(|| panic!("inside")).unwrap();
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(current_netns(), home);
+    }
 }

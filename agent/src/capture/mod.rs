@@ -4,6 +4,7 @@
 
 mod inbound;
 mod log_pump;
+mod orig_dst;
 mod own_cgroup;
 mod probes;
 mod programs;
@@ -23,6 +24,7 @@ use ambit_common::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, SockHash};
 use inbound::InboundCapture;
+use orig_dst::OriginalDsts;
 use probes::ProbeCapture;
 
 pub use programs::LoadedPrograms;
@@ -35,7 +37,7 @@ use crate::{
 /// The agent's live handle on the capture programs.
 pub struct Capture {
     enrolled: Mutex<HashMap<MapData, u64, u32>>,
-    orig_dst: Mutex<HashMap<MapData, ClientKey, OriginalDst>>,
+    orig_dst: OriginalDsts,
     /// The inbound maps and the programs (whose sk_lookup program is
     /// attached per pod), behind one lock.
     inbound: Mutex<(LoadedPrograms, InboundCapture)>,
@@ -52,7 +54,7 @@ impl Capture {
             ebpf.take_map(MAP_ENROLLED)
                 .context("eBPF object has no enrollment map")?,
         )?;
-        let orig_dst = HashMap::try_from(
+        let orig_dst = OriginalDsts::new(
             ebpf.take_map(MAP_ORIG_DST)
                 .context("eBPF object has no original-destination map")?,
         )?;
@@ -79,7 +81,7 @@ impl Capture {
         );
         Ok(Self {
             enrolled: Mutex::new(enrolled),
-            orig_dst: Mutex::new(orig_dst),
+            orig_dst,
             inbound: Mutex::new((programs, inbound)),
             probes: Mutex::new(probes),
         })
@@ -182,11 +184,7 @@ impl Capture {
     /// outbound listener of the namespace `netns_cookie` from `client`.
     pub fn take_original_dst(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
         let key = client_key(netns_cookie, client);
-        let mut map = self.orig_dst.lock().unwrap_or_else(PoisonError::into_inner);
-        let dst = map.get(&key, 0).ok()?;
-        // The sock_ops program also deletes it at close; whoever is first wins.
-        let _ = map.remove(&key);
-        Some(socket_addr(&dst))
+        self.orig_dst.take(&key).map(|dst| socket_addr(&dst))
     }
 
     /// Removes inbound capture a previous agent left for pods that are gone.
