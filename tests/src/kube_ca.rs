@@ -148,13 +148,14 @@ impl Testbed {
     ) -> Result<AgentPod> {
         let node_name = format!("node{node}");
         let pod = KubePod {
-            name: format!("ambit-agent-{node_name}-{suffix}"),
-            node_name: node_name.clone(),
             labels: vec![("app.kubernetes.io/name".into(), "ambit-agent".into())],
-            service_account: service_account.into(),
-            host_ip: self.node(node).link_ipv4.into(),
             ips: vec![self.node(node).link_ipv4.into()],
-            container: Default::default(),
+            ..KubePod::new(
+                &format!("ambit-agent-{node_name}-{suffix}"),
+                &node_name,
+                service_account,
+                self.node(node).link_ipv4.into(),
+            )
         };
         let uid = cp.create_pod(RELEASE_NAMESPACE, &pod)?;
         Ok(AgentPod {

@@ -38,15 +38,7 @@ fn pod_object(
     name: &str,
     labels: &[(&str, &str)],
 ) -> Result<String> {
-    let mut pod = KubePod {
-        name: name.into(),
-        node_name: "cni-node".into(),
-        labels: Vec::new(),
-        service_account: "default".into(),
-        host_ip: IpAddr::from([198, 18, 240, 1]),
-        ips: Vec::new(),
-        container: Default::default(),
-    };
+    let mut pod = KubePod::new(name, "cni-node", "default", IpAddr::from([198, 18, 240, 1]));
     for (k, v) in labels {
         pod = pod.label(k, v);
     }

@@ -153,15 +153,7 @@ impl CniMesh {
     /// The Pod object (Pending, no addresses) and a sandbox netns, as the
     /// kubelet has them when it calls the runtime's CNI ADD.
     fn new_pod(&self, namespace: &str, name: &str) -> Result<CniPod> {
-        let kube = KubePod {
-            name: name.into(),
-            node_name: "node0".into(),
-            labels: Vec::new(),
-            service_account: CNI_SA.into(),
-            host_ip: IpAddr::V4(self.tb.node(0).link_ipv4),
-            ips: Vec::new(),
-            container: Default::default(),
-        };
+        let kube = KubePod::new(name, "node0", CNI_SA, IpAddr::V4(self.tb.node(0).link_ipv4));
         let uid = self.cp.create_pod(namespace, &kube)?;
         let netns = self.chain.sandbox()?;
         let place = Sandbox::kubelet(&self.tb, 0, &uid, &netns.name, name)?;

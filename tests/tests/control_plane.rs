@@ -259,13 +259,9 @@ fn rbac_decides_and_bound_service_account_tokens_review_as_their_pod() -> Result
     // A token bound to a pod, as a kubelet would project it.
     cp.create_service_account(&ns, "app")?;
     let pod = KubePod {
-        name: "app-0".into(),
-        node_name: "node-a".into(),
         labels: vec![("app".into(), "app".into())],
-        service_account: "app".into(),
-        host_ip: "198.18.255.1".parse()?,
         ips: vec!["198.18.0.200".parse()?],
-        container: Default::default(),
+        ..KubePod::new("app-0", "node-a", "app", "198.18.255.1".parse()?)
     };
     let uid = cp.run_pod(&ns, &pod)?;
     let token = cp.request_token(&ns, "app", AUDIENCE, Some(("app-0", &uid)))?;

@@ -38,15 +38,7 @@ fn main() -> Result<()> {
     let (mut plugin, mut whole) = (Vec::new(), Vec::new());
     for i in 0..PODS {
         let name = format!("p{i}");
-        let pod = KubePod {
-            name: name.clone(),
-            node_name: "node0".into(),
-            labels: Vec::new(),
-            service_account: "app".into(),
-            host_ip: IpAddr::V4(tb.node(0).link_ipv4),
-            ips: Vec::new(),
-            container: Default::default(),
-        };
+        let pod = KubePod::new(&name, "node0", "app", IpAddr::V4(tb.node(0).link_ipv4));
         let uid = cp.create_pod(&ns, &pod)?;
         let netns = chain.sandbox()?;
         let runs = chain.add_in(

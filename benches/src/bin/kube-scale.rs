@@ -116,13 +116,14 @@ fn create_remote_pods(cp: &ControlPlane, count: usize) -> Result<()> {
             let v4 = Ipv4Addr::new(198, 18, 192 + (n >> 8) as u8, (n & 0xff) as u8);
             let v6 = Ipv6Addr::new(0xfd00, 0xa5b1, 0xff00, 0, 0, 0, 0, n + 1);
             let pod = KubePod {
-                name: format!("remote-{i}"),
-                node_name: format!("remote-node-{}", i % REMOTE_NODES),
                 labels: vec![("app".into(), format!("app-{}", i % 50))],
-                service_account: format!("sa-{}", i % 25),
-                host_ip: IpAddr::V4(Ipv4Addr::new(198, 18, 250, (i % REMOTE_NODES) as u8)),
                 ips: vec![v4.into(), v6.into()],
-                container: Default::default(),
+                ..KubePod::new(
+                    &format!("remote-{i}"),
+                    &format!("remote-node-{}", i % REMOTE_NODES),
+                    &format!("sa-{}", i % 25),
+                    IpAddr::V4(Ipv4Addr::new(198, 18, 250, (i % REMOTE_NODES) as u8)),
+                )
             };
             (namespaces[i % REMOTE_NAMESPACES].clone(), pod)
         })

@@ -27,17 +27,32 @@ pub struct KubePod {
 }
 
 impl KubePod {
+    /// A pod of `service_account` on `node_name` (whose address is
+    /// `host_ip`) with no labels, addresses or container fields: set the
+    /// ones a test needs.
+    pub fn new(name: &str, node_name: &str, service_account: &str, host_ip: IpAddr) -> Self {
+        Self {
+            name: name.into(),
+            node_name: node_name.into(),
+            labels: Vec::new(),
+            service_account: service_account.into(),
+            host_ip,
+            ips: Vec::new(),
+            container: serde_json::Map::new(),
+        }
+    }
+
     /// A Pod object for a testbed pod on `node`: its name, both its
     /// addresses, and the node's network namespace name as `spec.nodeName`.
     pub fn for_pod(pod: &Pod, node: &Node, service_account: &str) -> Self {
         Self {
-            name: pod.name.clone(),
-            node_name: node.netns.clone(),
-            labels: Vec::new(),
-            service_account: service_account.into(),
-            host_ip: node.link_ipv4.into(),
             ips: vec![pod.ipv4.into(), pod.ipv6.into()],
-            container: serde_json::Map::new(),
+            ..Self::new(
+                &pod.name,
+                &node.netns,
+                service_account,
+                node.link_ipv4.into(),
+            )
         }
     }
 
