@@ -31,6 +31,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("rsync", "/usr/bin/rsync"),
     // tests/tests/cni.rs chains ambit-cni after Debian's bridge + host-local.
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    // Sidecar mode's capture rules (`ambit sidecar-init`).
+    ("nftables", "/usr/sbin/nft"),
 ];
 
 pub fn run() -> Result<()> {
