@@ -485,12 +485,24 @@ impl Agent {
         );
         let netns = Arc::new(Netns::open(&workload.netns)?);
         let addresses = pod_addresses(&netns, workload)?;
+        let transparent_source = self.config.capture.transparent_source;
+        if transparent_source {
+            crate::transparent::prepare(&netns, addresses.iter().any(IpAddr::is_ipv6))
+                .with_context(|| {
+                    format!(
+                        "setting up transparent relays in {} \
+                         (or run the agent with --transparent-source=false)",
+                        workload.netns.display()
+                    )
+                })?;
+        }
         let dial = DialSettings {
             socket_mark: self.config.capture.socket_mark,
             connect_timeout: self.config.connect_timeout,
             agent_ports: AgentPorts {
                 outbound: self.config.capture.outbound_port,
             },
+            transparent_source,
         };
         let (ctx, handle) = PodContext::new(
             workload.id(),
@@ -529,6 +541,7 @@ impl Agent {
                 pod: Arc::clone(&ctx),
                 gate: Arc::clone(&self.gate),
                 bundles: Arc::clone(&self.mesh.bundles),
+                capture: Some(Arc::clone(&self.capture)),
                 tunnel: *self.mesh.pool.config(),
             }),
         )));

@@ -23,5 +23,6 @@ pub mod proxy;
 pub mod services;
 pub mod svids;
 pub mod telemetry;
+pub mod transparent;
 pub mod tunnel;
 pub mod workloads;

@@ -73,6 +73,11 @@ struct RunArgs {
     /// Port of the outbound listener inside each enrolled pod.
     #[arg(long, default_value_t = ambit_common::OUTBOUND_PORT)]
     outbound_port: u16,
+    /// Relay inbound mesh connections to the application from the client's
+    /// own address (IP_TRANSPARENT and policy routing in each pod's netns),
+    /// so it sees who connected; `false`: from the pod's own address.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    transparent_source: bool,
     /// How often to re-read the workloads file, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     reload_interval_ms: u64,
@@ -384,6 +389,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             bpf_pin_dir: args.bpf_pin_dir,
             socket_mark: args.socket_mark,
             outbound_port: args.outbound_port,
+            transparent_source: args.transparent_source,
         },
         trust_domain: args.trust_domain,
         identity: match (args.ca_addr, args.ca_bootstrap_dir, args.ca_token_file) {

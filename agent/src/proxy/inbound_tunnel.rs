@@ -18,6 +18,7 @@ use super::{
 };
 use crate::{
     audit,
+    capture::Capture,
     gate::{Connection, Gate},
     identity::{
         AcceptedClients, SpiffeId, TrustBundles, handshake_failure_reason, peer_spiffe_id,
@@ -32,6 +33,9 @@ pub struct TunnelContext {
     pub pod: Arc<PodContext>,
     pub gate: Arc<Gate>,
     pub bundles: Arc<TrustBundles>,
+    /// Lets transparent relays past the pod's inbound capture (`None`: no
+    /// eBPF capture, relays come from the pod's own address).
+    pub capture: Option<Arc<Capture>>,
     /// Handshake timeout and PING liveness of tunnel connections.
     pub tunnel: TunnelConfig,
 }
@@ -215,7 +219,12 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
         request.reject(StatusCode::FORBIDDEN);
         return;
     }
-    let mut upstream = match pod.connect(dst).await {
+    // From the tunnel's peer address: the client pod's own (its agent dials
+    // from inside it), never an address the peer claims.
+    let mut upstream = match pod
+        .connect_from(peer.addr.ip(), dst, ctx.capture.as_deref())
+        .await
+    {
         Ok(upstream) => upstream,
         Err(e) => {
             tracing::info!(workload = %pod.id, %dst, error = %e,
