@@ -60,6 +60,8 @@ pub enum WorkloadSource {
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
+    /// Threads of the async runtime that serves connections.
+    pub worker_threads: usize,
     pub capture: CaptureConfig,
     pub trust_domain: String,
     pub identity: IdentityConfig,

@@ -40,6 +40,8 @@ pub struct Netns {
     path: PathBuf,
     file: File,
     cookie: u64,
+    /// The process's own namespace (a sidecar's): nothing to enter.
+    own: bool,
 }
 
 /// The calling thread is inside a pod's namespace until this is dropped.
@@ -72,6 +74,7 @@ impl Netns {
             path: path.to_path_buf(),
             file,
             cookie: 0,
+            own: false,
         };
         netns.cookie = netns.run_blocking(|| {
             let probe = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
@@ -80,19 +83,30 @@ impl Netns {
         Ok(netns)
     }
 
+    /// The namespace the calling thread is in (a sidecar's: its pod's).
+    pub fn current() -> Result<Self> {
+        let mut netns = Self::open(Path::new("/proc/thread-self/ns/net"))?;
+        netns.own = true;
+        Ok(netns)
+    }
+
     /// The kernel's cookie for this namespace, as `bpf_get_netns_cookie` sees it.
     pub fn cookie(&self) -> u64 {
         self.cookie
     }
 
-    fn enter(&self) -> Result<Entered> {
+    /// `None` when the thread is already there (the process's own namespace).
+    fn enter(&self) -> Result<Option<Entered>> {
+        if self.own {
+            return Ok(None);
+        }
         let home = home()?;
         setns(&self.file, CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering network namespace {}", self.path.display()))?;
-        Ok(Entered {
+        Ok(Some(Entered {
             home,
             _thread: PhantomData,
-        })
+        }))
     }
 
     /// Runs `f` inside the namespace on the calling thread, then returns.
@@ -116,7 +130,7 @@ impl Netns {
             if addr.is_ipv6() {
                 socket.set_only_v6(!addr.ip().is_unspecified())?;
             }
-            socket.set_mark(mark)?;
+            set_mark(&socket, mark)?;
             socket.set_reuse_address(true)?;
             socket.set_nonblocking(true)?;
             socket.bind(&addr.into())?;
@@ -165,7 +179,7 @@ impl Netns {
                 Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
             })?
             .with_context(|| format!("creating a socket in {}", self.path.display()))?;
-        socket.set_mark(mark)?;
+        set_mark(&socket, mark)?;
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         Ok(socket)
@@ -197,6 +211,15 @@ impl Netns {
         })?
         .with_context(|| format!("listing the addresses in {}", self.path.display()))
     }
+}
+
+/// SO_MARK, unless `mark` is 0: a sidecar exempted by uid runs without
+/// CAP_NET_ADMIN and marks nothing.
+fn set_mark(socket: &Socket, mark: u32) -> io::Result<()> {
+    if mark == 0 {
+        return Ok(());
+    }
+    socket.set_mark(mark)
 }
 
 fn into_tokio(socket: Socket) -> tokio::net::TcpSocket {

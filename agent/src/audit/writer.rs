@@ -7,7 +7,7 @@ use std::{
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
-        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError},
+        mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -26,6 +26,11 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
 
 /// The longest the writer sleeps between looks at due summaries.
 const SUMMARY_TICK: Duration = Duration::from_secs(1);
+
+/// While records keep coming, how long the writer lets them gather before
+/// it takes them; at the default queue capacity that is room for 800,000
+/// records a second.
+const BATCH_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Where the retained records start after rotation deleted older ones: the
 /// first kept record's `seq` and `prev_hash`.
@@ -233,25 +238,47 @@ struct Worker<S> {
 
 impl<S: Sink> Worker<S> {
     fn run(mut self, rx: Receiver<AuditRecord>) {
+        // Idle, the thread blocks on the queue, so the first record of a
+        // burst wakes it. Busy, it sleeps a batch interval and takes what
+        // came meanwhile: a sender then never wakes it (a thread wakeup per
+        // record cost more than writing the record), and a record waits at
+        // most one interval.
+        let mut busy = false;
         loop {
-            match rx.recv_timeout(self.tick) {
-                Ok(rec) => {
-                    self.write(rec);
-                    // Batch whatever else is already queued, then flush once:
-                    // one flush per burst rather than per record, and nothing
-                    // sits in the buffer while the queue is idle.
-                    while let Ok(rec) = rx.try_recv() {
-                        self.write(rec);
-                    }
+            let first = if busy {
+                std::thread::sleep(BATCH_INTERVAL);
+                None
+            } else {
+                match rx.recv_timeout(self.tick) {
+                    Ok(rec) => Some(rec),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            busy = first.is_some();
+            if let Some(rec) = first {
+                self.write(rec);
             }
+            let disconnected = loop {
+                match rx.try_recv() {
+                    Ok(rec) => {
+                        self.write(rec);
+                        busy = true;
+                    }
+                    Err(TryRecvError::Empty) => break false,
+                    Err(TryRecvError::Disconnected) => break true,
+                }
+            };
             let due = lock(&self.limiter).due(Instant::now());
             for summary in due {
                 self.write(summary);
             }
+            // One flush per batch, and nothing sits in the buffer while the
+            // queue is idle.
             self.flush();
+            if disconnected {
+                break;
+            }
         }
         // Counts held back must not vanish with the process.
         let pending = lock(&self.limiter).drain();

@@ -13,6 +13,7 @@
 
 use std::{
     fmt,
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
 
@@ -196,13 +197,36 @@ impl fmt::Debug for SvidCertificate {
 pub struct Svid {
     cert: SvidCertificate,
     key: SvidKey,
+    /// The key loaded for signing handshakes, once: loading parses the
+    /// PKCS#8 document and checks it against the leaf (a P-256 scalar
+    /// multiply), too slow to repeat for every tunnel.
+    signing: OnceLock<Arc<rustls::sign::CertifiedKey>>,
 }
 
 impl Svid {
     /// Pairs a certificate with its private key (e.g. an SVID a remote CA
     /// issued for a CSR). The caller checks that the key matches the leaf.
     pub fn from_parts(cert: SvidCertificate, key: SvidKey) -> Self {
-        Self { cert, key }
+        Self {
+            cert,
+            key,
+            signing: OnceLock::new(),
+        }
+    }
+
+    /// The chain and the loaded signing key, as rustls presents them; built
+    /// on first use and shared by every TLS configuration of this SVID.
+    pub fn certified_key(&self) -> Result<Arc<rustls::sign::CertifiedKey>, rustls::Error> {
+        if let Some(loaded) = self.signing.get() {
+            return Ok(Arc::clone(loaded));
+        }
+        let loaded = Arc::new(rustls::sign::CertifiedKey::from_der(
+            self.chain().to_vec(),
+            self.key.private_key_der().clone_key(),
+            &super::tls::crypto_provider(),
+        )?);
+        // A concurrent first use may have won: either copy is the same key.
+        Ok(Arc::clone(self.signing.get_or_init(|| loaded)))
     }
 
     pub fn certificate(&self) -> &SvidCertificate {
@@ -362,10 +386,7 @@ impl CertificateAuthority {
         let pkcs8 = Zeroizing::new(key.serialize_der());
         let issued = self.issue_for_key(id, ttl, &key);
         key.zeroize();
-        Ok(Svid {
-            cert: issued?,
-            key: SvidKey { pkcs8 },
-        })
+        Ok(Svid::from_parts(issued?, SvidKey { pkcs8 }))
     }
 
     /// Issues an SVID for `id` to the holder of a PKCS#10 CSR. The CSR's

@@ -20,7 +20,9 @@ pub use ca::{
 pub use spiffe_id::{
     MAX_SPIFFE_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, SpiffeIdError, TrustDomain,
 };
-pub use tls::{anonymous_client_config, client_config, crypto_provider, server_config};
+pub use tls::{
+    TunnelServerConfig, anonymous_client_config, client_config, crypto_provider, server_config,
+};
 pub use verifier::{
     AcceptedClients, PeerRole, SpiffeClientVerifier, SpiffeServerVerifier, SvidError, TrustBundles,
     handshake_failure_reason, peer_spiffe_id, svid_error_of, verify_svid,

@@ -5,11 +5,11 @@
 //! certificate verification, and a client cache keyed by server name (an IP
 //! for tunnels) could resume with a different pod that reused the address.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use rustls::{
     ClientConfig, ServerConfig, client::Resumption, crypto::CryptoProvider,
-    server::NoServerSessionStorage, version::TLS13,
+    server::NoServerSessionStorage, sign::SingleCertAndKey, version::TLS13,
 };
 
 use super::{
@@ -21,7 +21,9 @@ use super::{
 /// The one crypto provider Ambit uses, always passed explicitly so nothing
 /// depends on which provider a dependency installed as process default.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: LazyLock<Arc<CryptoProvider>> =
+        LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    Arc::clone(&PROVIDER)
 }
 
 /// Server side of a tunnel (the inbound 15008 listener) or of the CA
@@ -36,10 +38,7 @@ pub fn server_config(
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&TLS13])?
         .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundles, accepted)))
-        .with_single_cert(
-            svid.chain().to_vec(),
-            svid.key().private_key_der().clone_key(),
-        )?;
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(svid.certified_key()?)));
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     config.alpn_protocols = vec![crate::tunnel::ALPN.to_vec()];
@@ -53,10 +52,8 @@ pub fn client_config(
     bundles: Arc<TrustBundles>,
     expected: Vec<SpiffeId>,
 ) -> Result<ClientConfig, rustls::Error> {
-    let mut config = verifying_client(bundles, expected)?.with_client_auth_cert(
-        svid.chain().to_vec(),
-        svid.key().private_key_der().clone_key(),
-    )?;
+    let mut config = verifying_client(bundles, expected)?
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(svid.certified_key()?)));
     config.resumption = Resumption::disabled();
     config.alpn_protocols = vec![crate::tunnel::ALPN.to_vec()];
     Ok(config)
@@ -84,4 +81,36 @@ fn verifying_client(
         .with_protocol_versions(&[&TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundles, expected))))
+}
+
+/// The tunnel listener's server configuration for the SVID it last served
+/// with, rebuilt only when the SVID is renewed (a new `Arc<Svid>`), not for
+/// every accepted connection.
+#[derive(Default)]
+pub struct TunnelServerConfig {
+    current: Mutex<Option<(Arc<Svid>, Arc<ServerConfig>)>>,
+}
+
+impl TunnelServerConfig {
+    /// The configuration presenting `svid` and accepting workloads.
+    pub fn for_svid(
+        &self,
+        svid: &Arc<Svid>,
+        bundles: &Arc<TrustBundles>,
+    ) -> Result<Arc<ServerConfig>, rustls::Error> {
+        // Replaced whole under the lock: consistent after a panic.
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((cached_for, config)) = current.as_ref()
+            && Arc::ptr_eq(cached_for, svid)
+        {
+            return Ok(Arc::clone(config));
+        }
+        let config = Arc::new(server_config(
+            svid,
+            Arc::clone(bundles),
+            AcceptedClients::Workloads,
+        )?);
+        *current = Some((Arc::clone(svid), Arc::clone(&config)));
+        Ok(config)
+    }
 }

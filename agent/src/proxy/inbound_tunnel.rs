@@ -12,17 +12,16 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     dial::unmapped,
+    interception::Interception,
     limits::{ConnectionPermit, HandshakePermit},
     loop_guard,
     tunnel_socket::set_liveness_options,
 };
 use crate::{
     audit,
-    capture::Capture,
     gate::{Connection, Gate},
     identity::{
-        AcceptedClients, SpiffeId, TrustBundles, handshake_failure_reason, peer_spiffe_id,
-        server_config,
+        SpiffeId, TrustBundles, TunnelServerConfig, handshake_failure_reason, peer_spiffe_id,
     },
     metrics::HandshakeFailure,
     pod::PodContext,
@@ -33,11 +32,13 @@ pub struct TunnelContext {
     pub pod: Arc<PodContext>,
     pub gate: Arc<Gate>,
     pub bundles: Arc<TrustBundles>,
-    /// Lets transparent relays past the pod's inbound capture (`None`: no
-    /// eBPF capture, relays come from the pod's own address).
-    pub capture: Option<Arc<Capture>>,
+    /// How connections reach the pod; with eBPF capture, relays can come
+    /// from the client's own address (transparent).
+    pub interception: Interception,
     /// Handshake timeout and PING liveness of tunnel connections.
     pub tunnel: TunnelConfig,
+    /// Built once per SVID generation, not per accepted connection.
+    pub server_config: TunnelServerConfig,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<TunnelContext>) {
@@ -76,7 +77,7 @@ async fn handle_connection(
             reason = "this workload's SVID is not available yet", "tunnel refused");
         return;
     };
-    let config = match server_config(&svid, Arc::clone(&ctx.bundles), AcceptedClients::Workloads) {
+    let config = match ctx.server_config.for_svid(&svid, &ctx.bundles) {
         Ok(config) => config,
         Err(e) => {
             tracing::error!(workload = %ctx.pod.id, error = %e, "cannot build the TLS server configuration");
@@ -88,7 +89,7 @@ async fn handle_connection(
         tracing::debug!(workload = %ctx.pod.id, src = %addr, error = %e, "tunnel socket options not set");
     }
     let local = tcp.local_addr().map(unmapped).unwrap_or(addr);
-    let accept = TlsAcceptor::from(Arc::new(config)).accept(tcp);
+    let accept = TlsAcceptor::from(config).accept(tcp);
     let handshaken = tokio::time::timeout(ctx.tunnel.handshake_timeout, accept).await;
     drop(handshake);
     let tls = match handshaken {
@@ -222,7 +223,7 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
     // From the tunnel's peer address: the client pod's own (its agent dials
     // from inside it), never an address the peer claims.
     let mut upstream = match pod
-        .connect_from(peer.addr.ip(), dst, ctx.capture.as_deref())
+        .connect_from(peer.addr.ip(), dst, ctx.interception.capture())
         .await
     {
         Ok(upstream) => upstream,

@@ -24,6 +24,11 @@ pub struct TunnelConfig {
     /// Connections the pool opens per key (source identity, peer) before
     /// callers wait for a stream slot instead.
     pub max_connections_per_peer: usize,
+    /// Connections the pool opens per key as soon as every pooled one
+    /// carries a stream, so concurrent streams run on separate connection
+    /// tasks (and cores) instead of one. 1 multiplexes everything on one
+    /// connection until its stream limit.
+    pub parallel_connections_per_peer: usize,
 }
 
 impl Default for TunnelConfig {
@@ -35,6 +40,7 @@ impl Default for TunnelConfig {
             ping_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             max_connections_per_peer: 8,
+            parallel_connections_per_peer: 1,
         }
     }
 }

@@ -24,9 +24,12 @@ use super::{
 /// handshake.
 ///
 /// A caller gets a stream slot on the least loaded connection below the
-/// peer's concurrent stream limit. When every connection is full, another
-/// is opened, up to [`TunnelConfig::max_connections_per_peer`]; past that,
-/// callers wait (bounded) for a stream to end. Connections that die, go
+/// peer's concurrent stream limit. While the key has fewer than
+/// [`TunnelConfig::parallel_connections_per_peer`] connections and every one
+/// carries a stream, another is opened (spreading load over cores). When
+/// every connection is full, another is opened, up to
+/// [`TunnelConfig::max_connections_per_peer`]; past that, callers wait
+/// (bounded) for a stream to end. Connections that die, go
 /// idle or close leave the pool on their own.
 ///
 /// Cloning is cheap; clones share the pool.
@@ -151,7 +154,14 @@ where
             let seen = slot.attempts.load(Ordering::Acquire);
             let mut state = slot.state.lock().await;
             state.clients.retain(|client| !client.is_closed());
-            if let Some(lease) = reserve_least_loaded(&state.clients, &slot.released) {
+            // Below the parallel target, a caller that finds every
+            // connection busy opens another rather than queue behind them:
+            // each connection is driven by one task, so concurrent streams
+            // on separate connections use separate cores.
+            let spread = connect.is_some()
+                && state.clients.len() < config.parallel_connections_per_peer
+                && state.clients.iter().all(|client| client.open_streams() > 0);
+            if !spread && let Some(lease) = reserve_least_loaded(&state.clients, &slot.released) {
                 return Ok(lease);
             }
             // An attempt that ended while we waited and left no free slot
@@ -159,7 +169,8 @@ where
             if slot.attempts.load(Ordering::Acquire) != seen
                 && let Some(e) = &state.last_error
             {
-                return Err(e.clone());
+                return reserve_least_loaded(&state.clients, &slot.released)
+                    .ok_or_else(|| e.clone());
             }
             if state.clients.len() < config.max_connections_per_peer
                 && let Some(connect) = connect.take()
@@ -173,7 +184,9 @@ where
                     Ok(client) => client,
                     Err(e) => {
                         state.last_error = Some(e.clone());
-                        return Err(e);
+                        // A failed extra connection still leaves the ones
+                        // that work.
+                        return reserve_least_loaded(&state.clients, &slot.released).ok_or(e);
                     }
                 };
                 state.last_error = None;
@@ -185,6 +198,9 @@ where
                         connections: state.clients.len(),
                         waited: Duration::ZERO,
                     });
+            }
+            if let Some(lease) = reserve_least_loaded(&state.clients, &slot.released) {
+                return Ok(lease);
             }
             let peer = state.clients.first().map(|c| c.peer().clone());
             let connections = state.clients.len();
@@ -417,6 +433,35 @@ mod tests {
             }
             assert_eq!(dials.load(Ordering::SeqCst), 1);
             assert_eq!(pool.connections_opened(), 1);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn busy_connections_are_spread_up_to_the_parallel_target() {
+        within(async {
+            let pool = TunnelPool::new(TunnelConfig {
+                parallel_connections_per_peer: 2,
+                ..TunnelConfig::default()
+            });
+            let servers = servers();
+            let get = || pool.get_or_connect(KEY, || dial(servers.clone()));
+            let first = get().await.expect("first");
+            // The first connection carries a stream: the next one gets its own.
+            let second = get().await.expect("second");
+            assert_eq!(pool.connections_opened(), 2);
+            // One stream each: two connections, not one carrying both.
+            assert_eq!(first.client().open_streams(), 1);
+            assert_eq!(second.client().open_streams(), 1);
+            // At the target, streams share the least loaded connection.
+            let third = get().await.expect("third");
+            assert_eq!(pool.connections_opened(), 2);
+            for lease in [first, second, third] {
+                assert_works(lease).await;
+            }
+            // Idle connections are reused, not multiplied.
+            assert_works(get().await.expect("fourth")).await;
+            assert_eq!(pool.connections_opened(), 2);
         })
         .await;
     }
