@@ -314,6 +314,16 @@ impl Agent {
         );
         let netns = Arc::new(Netns::open(&workload.netns)?);
         let addresses = pod_addresses(&netns, workload)?;
+        if self.config.capture.transparent_source {
+            crate::transparent::prepare(&netns, addresses.iter().any(IpAddr::is_ipv6))
+                .with_context(|| {
+                    format!(
+                        "setting up transparent relays in {} \
+                         (or run the agent with --transparent-source=false)",
+                        workload.netns.display()
+                    )
+                })?;
+        }
         // One budget per pod, shared by its listeners (and replaced with
         // the pod's capture, like them).
         let (ctx, handle) = self

@@ -16,6 +16,9 @@ pub struct CaptureConfig {
     pub bpf_pin_dir: PathBuf,
     pub socket_mark: u32,
     pub outbound_port: u16,
+    /// Relay inbound connections from the client's own address (see
+    /// [`crate::transparent`]).
+    pub transparent_source: bool,
 }
 
 impl Default for CaptureConfig {
@@ -25,6 +28,7 @@ impl Default for CaptureConfig {
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/ambit"),
             socket_mark: DEFAULT_SOCKET_MARK,
             outbound_port: OUTBOUND_PORT,
+            transparent_source: true,
         }
     }
 }

@@ -25,5 +25,6 @@ pub mod services;
 pub mod sidecar;
 pub mod svids;
 pub mod telemetry;
+pub mod transparent;
 pub mod tunnel;
 pub mod workloads;

@@ -73,6 +73,11 @@ struct RunArgs {
     /// bpffs directory where maps and links are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/ambit")]
     bpf_pin_dir: PathBuf,
+    /// Relay inbound mesh connections to the application from the client's
+    /// own address (IP_TRANSPARENT and policy routing in each pod's netns),
+    /// so it sees who connected; `false`: from the pod's own address.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    transparent_source: bool,
     /// On SIGTERM/SIGINT, detach the programs and remove the pins. Without
     /// it, enrolled pods fail closed until the next agent starts.
     #[arg(long)]
@@ -476,6 +481,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut config = args.proxy.into_config(workloads, attested, nofile)?;
     config.capture.cgroup_path = args.cgroup_path;
     config.capture.bpf_pin_dir = args.bpf_pin_dir;
+    config.capture.transparent_source = args.transparent_source;
     config.cleanup_on_exit = args.cleanup_on_exit;
     proxy_runtime(&config)?.block_on(ambit::agent::run(config))
 }

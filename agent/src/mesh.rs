@@ -21,6 +21,10 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TunnelKey {
     pub source: SpiffeId,
+    /// The source pod (its netns cookie): a tunnel carries one pod's
+    /// connections, so its source address, which the destination shows the
+    /// application (transparent relays), is that pod's own.
+    pub source_pod: u64,
     pub peer_addr: SocketAddr,
     pub peer: SpiffeId,
 }

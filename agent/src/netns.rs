@@ -147,6 +147,30 @@ impl Netns {
         Ok(into_tokio(socket).connect(dst).await?)
     }
 
+    /// A socket for `dst`, made inside the namespace and bound there to
+    /// `src` (an address the namespace need not have: IP_TRANSPARENT), any
+    /// port, not yet connected. It carries `mark`, by which the namespace's
+    /// policy routing brings the replies back to it (see
+    /// [`crate::transparent`]).
+    pub fn transparent_socket(
+        &self,
+        src: IpAddr,
+        dst: SocketAddr,
+        mark: u32,
+    ) -> Result<tokio::net::TcpSocket> {
+        let socket = self.tcp_socket(dst, mark)?;
+        let transparent = if dst.is_ipv4() {
+            socket.set_ip_transparent_v4(true)
+        } else {
+            socket.set_ip_transparent_v6(true)
+        };
+        transparent.context("setting IP_TRANSPARENT (needs CAP_NET_ADMIN)")?;
+        socket
+            .bind(&SocketAddr::new(src, 0).into())
+            .with_context(|| format!("binding to {src} in {}", self.path.display()))?;
+        Ok(into_tokio(socket))
+    }
+
     /// A non-blocking TCP socket for `dst`, carrying `mark`, made in the
     /// namespace (only its creation needs to be there).
     fn tcp_socket(&self, dst: SocketAddr, mark: u32) -> Result<Socket> {
@@ -225,19 +249,12 @@ pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::os::unix::fs::MetadataExt;
-
+pub(crate) mod test_support {
     use super::*;
-
-    /// The inode of the calling thread's network namespace.
-    fn current_netns() -> u64 {
-        std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
-    }
 
     /// A new, empty network namespace (needs CAP_SYS_ADMIN), kept alive by
     /// the returned file and reachable at the returned path.
-    fn new_namespace() -> (File, PathBuf) {
+    pub fn new_namespace() -> (File, PathBuf) {
         let file = std::thread::spawn(|| {
             nix::sched::unshare(CloneFlags::CLONE_NEWNET)
                 .expect("unshare(CLONE_NEWNET) needs root");
@@ -245,8 +262,24 @@ mod tests {
         })
         .join()
         .unwrap();
-        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let path = PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            file.as_raw_fd()
+        ));
         (file, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::{test_support::new_namespace, *};
+
+    /// The inode of the calling thread's network namespace.
+    fn current_netns() -> u64 {
+        std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
     }
 
     #[test]

@@ -4,16 +4,22 @@
 //! and the signal that it was released, which ends every connection the
 //! agent holds for it.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::{net::TcpStream, sync::watch};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::{
+    capture::Capture,
     identity::SpiffeId,
     netns::Netns,
     proxy::{limits::PodLimits, loop_guard::AgentPorts},
     svids::SvidWatch,
+    transparent::{self, TRANSPARENT_MARK},
     workloads::Workload,
 };
 
@@ -30,6 +36,9 @@ pub struct DialSettings {
     pub socket_mark: u32,
     pub connect_timeout: Duration,
     pub agent_ports: AgentPorts,
+    /// Inbound relays come from the client's own address (the pod's netns
+    /// was set up by [`transparent::prepare`]).
+    pub transparent_source: bool,
 }
 
 pub struct PodContext {
@@ -98,6 +107,30 @@ impl PodContext {
             settings.connect_timeout,
         )
         .await
+    }
+
+    /// Connects to `dst` on behalf of `peer`: from the peer's own address
+    /// if transparent relays are on and `capture` can let exactly this
+    /// connection past the pod's inbound capture (so the application sees
+    /// who connected), else as [`connect`](Self::connect).
+    pub async fn connect_from(
+        &self,
+        peer: IpAddr,
+        dst: SocketAddr,
+        capture: Option<&Capture>,
+    ) -> std::io::Result<TcpStream> {
+        let settings = self.dial;
+        let source = transparent::source_for(peer, dst.ip());
+        let (Some(src), Some(capture), true) = (source, capture, settings.transparent_source)
+        else {
+            return self.connect(dst).await;
+        };
+        let connect = async {
+            let socket = self.netns.transparent_socket(src, dst, TRANSPARENT_MARK)?;
+            let _pass = capture.pass_relay(socket.local_addr()?, dst)?;
+            Ok(socket.connect(dst).await?)
+        };
+        crate::proxy::dial::within(settings.connect_timeout, dst, connect).await
     }
 
     pub fn is_released(&self) -> bool {

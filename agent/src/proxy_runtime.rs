@@ -152,6 +152,7 @@ impl ProxyRuntime {
                 agent_ports: AgentPorts {
                     outbound: config.capture.outbound_port,
                 },
+                transparent_source: config.capture.transparent_source,
             },
         })
     }

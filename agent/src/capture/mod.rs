@@ -19,7 +19,7 @@ use std::{
 
 use ambit_common::{
     AF_INET, ClientKey, IpWords, MAP_ENROLLED, MAP_INBOUND_LISTENERS, MAP_NODE_CONNECTIONS,
-    MAP_ORIG_DST, MAP_POD_ADDRS, MAP_PROBE_PORTS, OriginalDst,
+    MAP_ORIG_DST, MAP_POD_ADDRS, MAP_PROBE_PORTS, MAP_RELAYS, OriginalDst, RelayConnection,
 };
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, SockHash};
@@ -31,6 +31,7 @@ pub use programs::LoadedPrograms;
 
 use crate::{
     config::CaptureConfig,
+    proxy::dial::unmapped as dial_unmapped,
     workloads::probes::{ProbeKind, Probes},
 };
 
@@ -42,6 +43,24 @@ pub struct Capture {
     /// attached per pod), behind one lock.
     inbound: Mutex<(LoadedPrograms, InboundCapture)>,
     probes: Mutex<ProbeCapture>,
+    relays: Mutex<HashMap<MapData, RelayConnection, u32>>,
+}
+
+/// Lets one transparent relay past inbound capture until dropped.
+pub struct RelayPass<'a> {
+    relays: &'a Mutex<HashMap<MapData, RelayConnection, u32>>,
+    key: RelayConnection,
+}
+
+impl Drop for RelayPass<'_> {
+    fn drop(&mut self) {
+        let _ = lock(self.relays).remove(&self.key);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each map operation is a single syscall: nothing is left half-done.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Capture {
@@ -68,6 +87,10 @@ impl Capture {
                     .context("eBPF object has no node connection map")?,
             )?,
         );
+        let relays = HashMap::try_from(
+            ebpf.take_map(MAP_RELAYS)
+                .context("eBPF object has no relay map")?,
+        )?;
         let inbound = InboundCapture::new(
             HashMap::try_from(
                 ebpf.take_map(MAP_POD_ADDRS)
@@ -84,6 +107,7 @@ impl Capture {
             orig_dst,
             inbound: Mutex::new((programs, inbound)),
             probes: Mutex::new(probes),
+            relays: Mutex::new(relays),
         })
     }
 
@@ -185,6 +209,27 @@ impl Capture {
     pub fn take_original_dst(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
         let key = client_key(netns_cookie, client);
         self.orig_dst.take(&key).map(|dst| socket_addr(&dst))
+    }
+
+    /// Lets the agent's transparent relay from `client` (bound, not yet
+    /// connected) to `pod` (an address of an enrolled pod) past the pod's
+    /// inbound capture until the returned pass is dropped: keep it until
+    /// the connect has completed.
+    pub fn pass_relay(&self, client: SocketAddr, pod: SocketAddr) -> Result<RelayPass<'_>> {
+        let (client, pod) = (dial_unmapped(client), dial_unmapped(pod));
+        let key = RelayConnection {
+            client_addr: inbound::ip_words(client.ip()),
+            pod_addr: inbound::ip_words(pod.ip()),
+            client_port: client.port(),
+            pod_port: pod.port(),
+        };
+        lock(&self.relays)
+            .insert(key, 1, 0)
+            .context("registering a transparent relay")?;
+        Ok(RelayPass {
+            relays: &self.relays,
+            key,
+        })
     }
 
     /// Removes inbound capture a previous agent left for pods that are gone.

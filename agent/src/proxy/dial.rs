@@ -1,7 +1,7 @@
 //! Opening the agent's own upstream connections: from inside a pod's
 //! netns, marked so capture lets them through, within a deadline.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio::net::TcpStream;
 
@@ -13,7 +13,16 @@ pub async fn dial(
     mark: u32,
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
-    match tokio::time::timeout(timeout, netns.connect(dst, mark)).await {
+    within(timeout, dst, netns.connect(dst, mark)).await
+}
+
+/// `connect` (to `dst`), failed with a clear error after `timeout`.
+pub async fn within(
+    timeout: Duration,
+    dst: SocketAddr,
+    connect: impl Future<Output = anyhow::Result<TcpStream>>,
+) -> std::io::Result<TcpStream> {
+    match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(std::io::Error::other(format!("{e:#}"))),
         Err(_) => Err(std::io::Error::new(

@@ -12,6 +12,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     dial::unmapped,
+    interception::Interception,
     limits::{ConnectionPermit, HandshakePermit},
     loop_guard,
     tunnel_socket::set_liveness_options,
@@ -31,6 +32,9 @@ pub struct TunnelContext {
     pub pod: Arc<PodContext>,
     pub gate: Arc<Gate>,
     pub bundles: Arc<TrustBundles>,
+    /// How connections reach the pod; with eBPF capture, relays can come
+    /// from the client's own address (transparent).
+    pub interception: Interception,
     /// Handshake timeout and PING liveness of tunnel connections.
     pub tunnel: TunnelConfig,
     /// Built once per SVID generation, not per accepted connection.
@@ -216,7 +220,12 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
         request.reject(StatusCode::FORBIDDEN);
         return;
     }
-    let mut upstream = match pod.connect(dst).await {
+    // From the tunnel's peer address: the client pod's own (its agent dials
+    // from inside it), never an address the peer claims.
+    let mut upstream = match pod
+        .connect_from(peer.addr.ip(), dst, ctx.interception.capture())
+        .await
+    {
         Ok(upstream) => upstream,
         Err(e) => {
             tracing::info!(workload = %pod.id, %dst, error = %e,

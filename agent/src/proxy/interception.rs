@@ -55,6 +55,15 @@ impl Interception {
         }
     }
 
+    /// The eBPF capture, which can let the agent's transparent relays past
+    /// a pod's inbound capture; a sidecar has none.
+    pub fn capture(&self) -> Option<&Capture> {
+        match self {
+            Self::Ebpf(capture) => Some(capture),
+            Self::Redirect => None,
+        }
+    }
+
     /// Whether the kernel saw this connection opened on the node to one of
     /// the pod's probe ports. A sidecar cannot see the node (kubelet probes
     /// must be rewritten to the sidecar, as sidecar meshes do), so it never

@@ -65,6 +65,7 @@ impl PodListeners {
                     pod: Arc::clone(pod),
                     gate: Arc::clone(&runtime.gate),
                     bundles: Arc::clone(&runtime.mesh.bundles),
+                    interception: interception.clone(),
                     tunnel: *runtime.mesh.pool.config(),
                     server_config: Default::default(),
                 }),

@@ -242,6 +242,7 @@ async fn tunnel_to(
     let peer_addr = SocketAddr::new(target.ip(), TUNNEL_PORT);
     let key = TunnelKey {
         source: state.identity.clone(),
+        source_pod: ctx.pod.netns.cookie(),
         peer_addr,
         peer: destination.spiffe_id.clone(),
     };

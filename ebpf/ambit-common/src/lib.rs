@@ -23,6 +23,7 @@ pub const MAP_POD_ADDRS: &str = "AMBIT_POD_ADDRS";
 pub const MAP_INBOUND_LISTENERS: &str = "AMBIT_INBOUND_LISTENERS";
 pub const MAP_PROBE_PORTS: &str = "AMBIT_PROBE_PORTS";
 pub const MAP_NODE_CONNECTIONS: &str = "AMBIT_NODE_CONNECTIONS";
+pub const MAP_RELAYS: &str = "AMBIT_RELAYS";
 /// Names of the globals the agent sets at load time.
 pub const GLOBAL_AGENT_CGROUP: &str = "AMBIT_AGENT_CGROUP";
 pub const GLOBAL_OUTBOUND_PORT: &str = "AMBIT_OUTBOUND_PORT";
@@ -45,6 +46,9 @@ pub const PROBE_PORT_MAP_CAPACITY: u32 = 16_384;
 /// Capacity of the map of open connections from the node's own network
 /// namespace to probe ports (LRU; an entry lives from connect to close).
 pub const NODE_CONNECTION_MAP_CAPACITY: u32 = 16_384;
+/// Capacity of the map of the agent's transparent relays being connected
+/// (LRU; an entry lives from bind until the connect completes).
+pub const RELAY_MAP_CAPACITY: u32 = 16_384;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -161,6 +165,21 @@ pub struct NodeConnection {
     pub pod_port: u16,
 }
 
+/// A transparent relay the agent is connecting inside a pod: from the
+/// client's address (which the pod does not have) to the pod's
+/// application. Written by the agent between bind and the end of connect;
+/// sk_lookup lets exactly these through to the application's listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RelayConnection {
+    pub client_addr: IpWords,
+    pub pod_addr: IpWords,
+    /// Host byte order.
+    pub client_port: u16,
+    /// Host byte order.
+    pub pod_port: u16,
+}
+
 /// Per-socket state between connect and close, keyed by socket cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -183,4 +202,5 @@ mod pod {
     unsafe impl aya::Pod for super::PodAddress {}
     unsafe impl aya::Pod for super::ProbePort {}
     unsafe impl aya::Pod for super::NodeConnection {}
+    unsafe impl aya::Pod for super::RelayConnection {}
 }

@@ -14,7 +14,9 @@
 //!   but loopback and any port but the tunnel's, to the agent's plaintext
 //!   capture listener, so nothing reaches the application without the agent
 //!   deciding (strict mTLS). An address the agent has not placed is refused,
-//!   never passed. Unsolicited UDP from outside a strict pod is dropped.
+//!   never passed. The agent's own relays to the application pass: from one
+//!   of the pod's addresses, or (transparent) the exact 4-tuple the agent
+//!   registered in `AMBIT_RELAYS`. Unsolicited UDP from outside a strict pod is dropped.
 //! * Kubelet probes: `sockops` records each TCP connect made in the node's
 //!   own network namespace to a probe port of an enrolled pod (the agent
 //!   declares the ports per pod); `ambit_inbound` lets those of tcpSocket
@@ -28,7 +30,8 @@ use ambit_common::{
     AF_INET, AF_INET6, CONNECTION_MAP_CAPACITY, ClientKey, ENROLLED_MAP_CAPACITY,
     INBOUND_CAPTURE_PORT, INBOUND_MAP_CAPACITY, IpWords, NODE_CONNECTION_MAP_CAPACITY,
     NodeConnection, OUTBOUND_PORT, OriginalDst, POD_ADDRESS_PERMISSIVE, PROBE_CONNECT,
-    PROBE_PORT_MAP_CAPACITY, PendingConnection, PodAddress, ProbePort, TUNNEL_PORT,
+    PROBE_PORT_MAP_CAPACITY, PendingConnection, PodAddress, ProbePort, RELAY_MAP_CAPACITY,
+    RelayConnection, TUNNEL_PORT,
 };
 use aya_ebpf::{
     Global,
@@ -103,6 +106,11 @@ static PROBE_PORTS: HashMap<ProbePort, u32> = HashMap::pinned(PROBE_PORT_MAP_CAP
 #[map(name = "AMBIT_NODE_CONNECTIONS")]
 static NODE_CONNECTIONS: LruHashMap<NodeConnection, u32> =
     LruHashMap::pinned(NODE_CONNECTION_MAP_CAPACITY, 0);
+
+/// The agent's transparent relays while they connect (see
+/// [`RelayConnection`]). Written only by the agent.
+#[map(name = "AMBIT_RELAYS")]
+static RELAYS: LruHashMap<RelayConnection, u32> = LruHashMap::pinned(RELAY_MAP_CAPACITY, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
@@ -442,6 +450,21 @@ pub fn ambit_inbound(ctx: SkLookupContext) -> u32 {
         if unsafe { (*owner).netns_cookie == (*source).netns_cookie } {
             return SK_PASS;
         }
+    }
+    // The agent's transparent relay, from the client's own address (which
+    // the pod does not have): registered by the agent for exactly this
+    // 4-tuple while it connects. A peer outside the pod using that address
+    // has another 4-tuple and is steered below. (ingress_ifindex cannot
+    // tell them apart: a connection to the pod's own address reports the
+    // device that holds the address, not loopback.)
+    let relay = RelayConnection {
+        client_addr: remote,
+        pod_addr: local,
+        client_port: u16::from_be(remote_port),
+        pod_port: local_port as u16,
+    };
+    if RELAYS.get_ptr(relay).is_some() {
+        return SK_PASS;
     }
     let port = local_port as u16;
     if protocol == IPPROTO_UDP {
