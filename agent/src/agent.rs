@@ -3,42 +3,26 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::IpAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
-use ambit_common::{INBOUND_CAPTURE_PORT, TUNNEL_PORT};
 use anyhow::{Context, Result};
-use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch, task::JoinHandle};
+use tokio::{signal::unix::SignalKind, sync::watch, task::JoinHandle};
 
 use crate::{
-    admin::AdminServer,
-    agent_state::AgentState,
-    audit::AuditLog,
-    ca_service::{BUNDLE_FILE, CaClient, NODE_CHAIN_FILE, NODE_KEY_FILE, NODES_DIR},
     capture::Capture,
     cni::{Cni, records::RecordedNetnsLocator},
-    config::{IdentityConfig, RunConfig, WorkloadSource},
-    gate::Gate,
-    identity::{CertificateAuthority, SpiffeId, TrustDomain},
-    mesh::Mesh,
-    metrics::{KubernetesMetrics, Metrics, TunnelMetrics},
+    config::{RunConfig, WorkloadSource},
+    identity::SpiffeId,
+    metrics::{KubernetesMetrics, Metrics},
     netns::Netns,
-    pod::{DialSettings, PodContext, PodHandle, PodState},
-    policy::{self, Engine, PolicySet},
-    proxy::{
-        inbound_plain::{self, PlaintextContext},
-        inbound_tunnel::{self, TunnelContext},
-        limits::Limits,
-        loop_guard::AgentPorts,
-        outbound::{self, OutboundContext},
-    },
-    svids::{IdentitySource, SvidStore},
-    tunnel::TunnelPool,
+    pod::PodHandle,
+    proxy::{interception::Interception, listeners::PodListeners},
+    proxy_runtime::{InitialView, ProxyRuntime, workload_identity},
     workloads::{
         self, NodeWorkloads, Workload, WorkloadFeed,
-        directory::Directory,
         kubernetes::netns_locator::{NetnsLocator, ProcNetnsLocator},
     },
 };
@@ -91,52 +75,8 @@ impl Drop for CapturedPod {
 pub struct Agent {
     config: RunConfig,
     capture: Arc<Capture>,
-    mesh: Arc<Mesh>,
-    gate: Arc<Gate>,
-    state: Arc<AgentState>,
-    directory: watch::Sender<Arc<Directory>>,
+    runtime: ProxyRuntime,
     pods: BTreeMap<String, CapturedPod>,
-    limits: Arc<Limits>,
-}
-
-async fn identity_source(
-    config: &RunConfig,
-    node: &str,
-    td: &TrustDomain,
-) -> Result<IdentitySource> {
-    Ok(match &config.identity {
-        IdentityConfig::Embedded { svid_ttl } => IdentitySource::Embedded {
-            ca: Box::new(CertificateAuthority::new(td.clone())?),
-            ttl: *svid_ttl,
-        },
-        IdentityConfig::Remote {
-            addr,
-            bootstrap_dir,
-        } => {
-            let node_dir = bootstrap_dir.join(NODES_DIR).join(node);
-            let client = CaClient::new(
-                addr,
-                node_dir.join(NODE_CHAIN_FILE),
-                node_dir.join(NODE_KEY_FILE),
-                bootstrap_dir.join(BUNDLE_FILE),
-            )?;
-            anyhow::ensure!(
-                client.trust_domain() == td,
-                "the CA's trust domain is {}, but this agent was started with --trust-domain {td}",
-                client.trust_domain()
-            );
-            IdentitySource::Remote(Box::new(client))
-        }
-        IdentityConfig::Attested(ca) => {
-            let kubeconfig = match &config.workloads {
-                WorkloadSource::Kubernetes(kubernetes) => kubernetes.kubeconfig.as_deref(),
-                WorkloadSource::File(_) => None,
-            };
-            IdentitySource::Remote(Box::new(
-                crate::ca_service::kubernetes::agent_client(ca, kubeconfig, node, td).await?,
-            ))
-        }
-    })
 }
 
 /// The addresses inbound capture must cover: every address in the pod's
@@ -193,34 +133,6 @@ async fn workload_feed(
     })
 }
 
-/// With the Kubernetes source, AuthorizationPolicy objects of the cluster
-/// join the policy files' set (policy::kubernetes); otherwise `files` is
-/// the set.
-async fn cluster_policies(
-    config: &RunConfig,
-    files: watch::Receiver<Arc<PolicySet>>,
-    watch_metrics: Option<&KubernetesMetrics>,
-    rejections: &policy::Rejections,
-) -> Result<watch::Receiver<Arc<PolicySet>>> {
-    let (WorkloadSource::Kubernetes(kubernetes), Some(watch_metrics)) =
-        (&config.workloads, watch_metrics)
-    else {
-        return Ok(files);
-    };
-    let client = workloads::kubernetes::client_for(kubernetes.kubeconfig.as_deref()).await?;
-    let health = workloads::kubernetes::Health::new(
-        "authorizationpolicies",
-        watch_metrics.watch("authorizationpolicies"),
-    );
-    Ok(policy::kubernetes::watch(
-        client,
-        config.policy.dir.is_some().then_some(files),
-        config.policy.settings.clone(),
-        health,
-        rejections.clone(),
-    ))
-}
-
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: RunConfig) -> Result<()> {
     // Missing privileges first (they also explain unreadable files), then a
@@ -242,99 +154,30 @@ pub async fn run(config: RunConfig) -> Result<()> {
     } = workload_feed(&config, watch_metrics.as_ref(), cni.as_ref()).await?;
     // Before the first sync of Kubernetes this has only the node name.
     let initial = workloads.borrow_and_update().clone();
-    let trust_domain = TrustDomain::new(&config.trust_domain)
-        .with_context(|| format!("invalid --trust-domain {:?}", config.trust_domain))?;
-    let tunnel_metrics =
-        TunnelMetrics::register(metrics.registry()).context("registering the tunnel metrics")?;
-    let pool = TunnelPool::with_observer(config.tunnel, Arc::new(tunnel_metrics));
-    let on_rotate = {
-        let pool = pool.clone();
-        // New connections must handshake with the new certificate; pooled
-        // tunnels are forgotten, not closed, so running streams continue.
-        Arc::new(move |_: &SpiffeId| pool.evict_all())
-    };
-    let svids = SvidStore::new(
-        identity_source(&config, &initial.node, &trust_domain).await?,
-        on_rotate,
-    )?;
-    let (directory, directory_rx) =
-        watch::channel(Arc::new(Directory::build(&initial, &trust_domain)));
-    let mesh = Arc::new(Mesh {
-        bundles: svids.bundles(),
-        svids: Arc::new(svids),
-        trust_domain,
-        directory: directory_rx,
-        services,
-        pool,
-        metrics: Arc::clone(&metrics),
-    });
-
-    // A bad policy directory at start does not stop the agent: it denies
-    // everything (not ready) until a valid set appears.
-    let (policies, rejections, _static_policies) = match &config.policy.dir {
-        Some(dir) => {
-            let watched =
-                policy::watch_dir(dir, config.policy.settings.clone(), config.reload_interval);
-            (watched.sets, watched.rejections, None)
-        }
-        None => {
-            let empty = PolicySet::new(Vec::new(), config.policy.settings.clone())
-                .context("building the empty policy set")?;
-            let (tx, rx) = watch::channel(Arc::new(empty));
-            (rx, policy::Rejections::default(), Some(tx))
-        }
-    };
-    let policies = cluster_policies(&config, policies, watch_metrics.as_ref(), &rejections).await?;
-    let engine = Arc::new(Engine::new(Arc::clone(&policies.borrow())));
-    engine.follow(policies.clone());
-    let audit = Arc::new(match &config.audit_log {
-        Some(path) => AuditLog::open_file(
-            path,
-            config.audit_max_bytes,
-            initial.node.clone(),
-            config.audit_limits.clone(),
-        )
-        .with_context(|| format!("opening audit log {}", path.display()))?,
-        None => AuditLog::stdout(initial.node.clone(), config.audit_limits.clone())?,
-    });
-    let gate = Arc::new(Gate {
-        engine: Arc::clone(&engine),
-        sets: policies.clone(),
-        audit: Arc::clone(&audit),
-        metrics: Arc::clone(&metrics),
-        close_on_policy_change: config.policy.close_on_change,
-    });
-    let mut state = AgentState::new(
+    let runtime = ProxyRuntime::start(
+        &config,
         metrics,
-        Arc::clone(&mesh.svids),
-        policies,
-        engine,
-        rejections,
-        audit,
-        initial.node.clone(),
-    );
-    state.workloads_synced = synced.clone();
-    let state = Arc::new(state);
-    let admin = AdminServer::bind(config.admin_addr, Arc::clone(&state) as _).await?;
-    tracing::info!(addr = %admin.local_addr(), "admin server listening");
-    tokio::spawn(admin.run());
+        InitialView {
+            workloads: &initial,
+            services,
+            synced: synced.clone(),
+            watch_metrics: watch_metrics.as_ref(),
+        },
+        None,
+    )
+    .await?;
 
     let capture = Arc::new(Capture::start(&config.capture)?);
     // Once capture runs: an ADD now waits for the sync and the control loop.
     if let Some(cni) = &cni {
-        cni.serve(workloads.clone(), Arc::clone(&state)).await?;
+        cni.serve(workloads.clone(), Arc::clone(&runtime.state))
+            .await?;
     }
-    tracing::info!(limits = ?config.limits, "admission limits");
-    let limits = Limits::new(config.limits.clone(), Arc::clone(&mesh.metrics));
     let mut agent = Agent {
         config,
         capture,
-        mesh,
-        gate,
-        state,
-        directory,
+        runtime,
         pods: BTreeMap::new(),
-        limits,
     };
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
@@ -381,13 +224,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Agent {
     fn reconcile(&mut self, desired: &NodeWorkloads) {
-        self.directory.send_if_modified(|current| {
-            let next = Directory::build(desired, &self.mesh.trust_domain);
-            self.state.metrics.set_mesh_destinations(next.len());
-            let changed = **current != next;
-            *current = Arc::new(next);
-            changed
-        });
+        self.runtime.publish_directory(desired);
         let wanted: BTreeMap<String, &Workload> = desired.enrolled().map(|w| (w.id(), w)).collect();
         let gone: Vec<String> = self
             .pods
@@ -397,7 +234,7 @@ impl Agent {
             .collect();
         for id in gone {
             if let Some(pod) = self.pods.remove(&id) {
-                lock(&self.state.enrolled).remove(&id);
+                lock(&self.runtime.state.enrolled).remove(&id);
                 drop(pod);
                 tracing::info!(workload = %id, "workload unenrolled");
             }
@@ -410,23 +247,18 @@ impl Agent {
                 failed.insert(id, format!("{e:#}"));
             }
         }
-        *lock(&self.state.not_captured) = failed;
-        let in_use: HashSet<SpiffeId> = lock(&self.state.enrolled)
+        *lock(&self.runtime.state.not_captured) = failed;
+        let in_use: HashSet<SpiffeId> = lock(&self.runtime.state.enrolled)
             .values()
             .map(|(_, id)| id.clone())
             .collect();
-        self.mesh.svids.retain(&in_use);
+        self.runtime.mesh.svids.retain(&in_use);
     }
 
     /// Brings one wanted pod to its desired state: captured as `workload`
     /// says, with every local address of its namespace steered.
     fn converge(&mut self, id: &str, workload: &Workload) -> Result<()> {
-        let spiffe_id = SpiffeId::kubernetes(
-            &self.mesh.trust_domain,
-            &workload.namespace,
-            &workload.service_account,
-        )
-        .context("the workload's namespace and service account do not form a SPIFFE ID")?;
+        let spiffe_id = workload_identity(&self.runtime.mesh.trust_domain, workload)?;
         let same_netns = self
             .pods
             .get(id)
@@ -441,7 +273,7 @@ impl Agent {
                 drop(old);
                 tracing::info!(workload = %id, "previous capture of the workload released");
             }
-            lock(&self.state.enrolled).insert(id.to_owned(), (workload.clone(), spiffe_id));
+            lock(&self.runtime.state.enrolled).insert(id.to_owned(), (workload.clone(), spiffe_id));
             return Ok(());
         }
         let pod = self.pods.get_mut(id).expect("checked above");
@@ -454,11 +286,8 @@ impl Agent {
             self.capture
                 .set_probes(pod.netns.cookie(), &workload.probes)?;
             let identity_changed = pod.handle.current().identity != spiffe_id;
-            pod.handle.update(PodState {
-                spec: Arc::new(workload.clone()),
-                svid: self.mesh.svids.watch(&spiffe_id),
-                identity: spiffe_id.clone(),
-            });
+            pod.handle
+                .update(self.runtime.pod_state(workload, &spiffe_id));
             if pod.spec != *workload {
                 tracing::info!(workload = %id, identity_changed, "workload updated in place");
             }
@@ -467,7 +296,7 @@ impl Agent {
             }
             pod.spec = workload.clone();
             pod.addresses = addresses;
-            lock(&self.state.enrolled).insert(id.to_owned(), (workload.clone(), spiffe_id));
+            lock(&self.runtime.state.enrolled).insert(id.to_owned(), (workload.clone(), spiffe_id));
         }
         Ok(())
     }
@@ -485,26 +314,11 @@ impl Agent {
         );
         let netns = Arc::new(Netns::open(&workload.netns)?);
         let addresses = pod_addresses(&netns, workload)?;
-        let dial = DialSettings {
-            socket_mark: self.config.capture.socket_mark,
-            connect_timeout: self.config.connect_timeout,
-            agent_ports: AgentPorts {
-                outbound: self.config.capture.outbound_port,
-            },
-        };
-        let (ctx, handle) = PodContext::new(
-            workload.id(),
-            Arc::clone(&netns),
-            PodState {
-                spec: Arc::new(workload.clone()),
-                identity: spiffe_id.clone(),
-                svid: self.mesh.svids.watch(spiffe_id),
-            },
-            dial,
-            // One budget per pod, shared by its listeners (and replaced
-            // with the pod's capture, like them).
-            self.limits.for_pod(),
-        );
+        // One budget per pod, shared by its listeners (and replaced with
+        // the pod's capture, like them).
+        let (ctx, handle) = self
+            .runtime
+            .pod_context(workload, spiffe_id, Arc::clone(&netns));
         let mut pod = CapturedPod {
             spec: workload.clone(),
             netns: Arc::clone(&netns),
@@ -516,59 +330,25 @@ impl Agent {
             enrolled: false,
             keep_capture: false,
         };
-        let mark = dial.socket_mark;
-        let listen = |addr: SocketAddr| -> Result<TcpListener> {
-            TcpListener::from_std(netns.listen(addr, mark)?).context("registering listener")
-        };
-        let any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
-
-        let tunnel_listener = listen(SocketAddr::new(any, TUNNEL_PORT))?;
-        pod.tasks.push(tokio::spawn(inbound_tunnel::serve(
-            tunnel_listener,
-            Arc::new(TunnelContext {
-                pod: Arc::clone(&ctx),
-                gate: Arc::clone(&self.gate),
-                bundles: Arc::clone(&self.mesh.bundles),
-                tunnel: *self.mesh.pool.config(),
-            }),
-        )));
-
-        let plaintext_listener = listen(SocketAddr::new(any, INBOUND_CAPTURE_PORT))?;
+        let listeners = PodListeners::open(
+            &netns,
+            self.runtime.dial.socket_mark,
+            self.config.capture.outbound_port,
+        )?;
         pod.inbound_attached = true;
         self.capture.capture_inbound(
             &workload.netns,
             netns.cookie(),
             &pod.addresses,
             workload.permissive(),
-            &plaintext_listener,
+            listeners.plaintext(),
         )?;
         self.capture.set_probes(netns.cookie(), &workload.probes)?;
-        pod.tasks.push(tokio::spawn(inbound_plain::serve(
-            plaintext_listener,
-            Arc::new(PlaintextContext {
-                pod: Arc::clone(&ctx),
-                gate: Arc::clone(&self.gate),
-                capture: Arc::clone(&self.capture),
-            }),
-        )));
-
-        let outbound_ctx = Arc::new(OutboundContext {
-            pod: Arc::clone(&ctx),
-            capture: Arc::clone(&self.capture),
-            mesh: Arc::clone(&self.mesh),
-            audit: Arc::clone(&self.gate.audit),
-        });
-        let port = self.config.capture.outbound_port;
-        for ip in [
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ] {
-            let listener = listen(SocketAddr::new(ip, port))?;
-            pod.tasks.push(tokio::spawn(outbound::serve(
-                listener,
-                Arc::clone(&outbound_ctx),
-            )));
-        }
+        pod.tasks = listeners.serve(
+            &ctx,
+            &self.runtime,
+            &Interception::Ebpf(Arc::clone(&self.capture)),
+        );
         pod.enrolled = true;
         self.capture.enroll(netns.cookie())?;
         Ok(pod)

@@ -311,6 +311,7 @@ mod tests {
                 ips: vec!["198.18.1.10".parse().unwrap()],
                 node: None,
                 probes: Default::default(),
+                sidecar: false,
             }),
             workload_id: None,
             dst: "198.18.1.10:8080".parse().unwrap(),

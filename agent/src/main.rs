@@ -33,6 +33,12 @@ struct Cli {
 enum Command {
     /// Run the node agent: capture enrolled pods and proxy their traffic.
     Run(Box<RunArgs>),
+    /// Run the proxy for one pod, inside its network namespace (sidecar
+    /// mode; traffic reaches it through `ambit sidecar-init`'s rules).
+    Sidecar(Box<SidecarArgs>),
+    /// Install the nftables rules redirecting a pod's TCP to its sidecar
+    /// (run as root in the pod's network namespace before the app starts).
+    SidecarInit(SidecarInitArgs),
     /// Run the cluster CA: issue SVIDs to node agents over mTLS, each only
     /// for the workloads its directory places on the requesting node.
     Ca(CaArgs),
@@ -67,6 +73,30 @@ struct RunArgs {
     /// bpffs directory where maps and links are pinned.
     #[arg(long, default_value = "/sys/fs/bpf/ambit")]
     bpf_pin_dir: PathBuf,
+    /// On SIGTERM/SIGINT, detach the programs and remove the pins. Without
+    /// it, enrolled pods fail closed until the next agent starts.
+    #[arg(long)]
+    cleanup_on_exit: bool,
+    /// With --kubernetes: projected service-account token of this agent's
+    /// pod (audience ambit-ca), re-read at each attestation to `ambit ca
+    /// --kubernetes`; the trust bundle then comes from the ConfigMap
+    /// --ca-bundle-configmap in --namespace, followed as it changes.
+    #[arg(long, requires_all = ["ca_addr", "kubernetes"], conflicts_with = "ca_bootstrap_dir")]
+    ca_token_file: Option<PathBuf>,
+    /// ConfigMap (key bundle.pem) holding the trust bundle, for
+    /// --ca-token-file.
+    #[arg(long, default_value = "ambit-trust-bundle")]
+    ca_bundle_configmap: String,
+    /// This agent's namespace (the release namespace), for --ca-token-file.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    #[command(flatten)]
+    proxy: ProxyArgs,
+}
+
+/// The proxy's settings, the same for `ambit run` and `ambit sidecar`.
+#[derive(Args)]
+struct ProxyArgs {
     /// SO_MARK carried by the agent's own sockets (never captured).
     #[arg(long, default_value = "0x0a3b", value_parser = parse_u32)]
     socket_mark: u32,
@@ -79,10 +109,6 @@ struct RunArgs {
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     connect_timeout_ms: u64,
-    /// On SIGTERM/SIGINT, detach the programs and remove the pins. Without
-    /// it, enrolled pods fail closed until the next agent starts.
-    #[arg(long)]
-    cleanup_on_exit: bool,
     /// SPIFFE trust domain of this mesh.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -92,21 +118,8 @@ struct RunArgs {
     #[arg(long)]
     ca_addr: Option<String>,
     /// Directory `ambit ca` wrote bundle.pem and nodes/NODE/ into.
-    #[arg(long, requires = "ca_addr", conflicts_with = "ca_token_file")]
+    #[arg(long, requires = "ca_addr")]
     ca_bootstrap_dir: Option<PathBuf>,
-    /// With --kubernetes: projected service-account token of this agent's
-    /// pod (audience ambit-ca), re-read at each attestation to `ambit ca
-    /// --kubernetes`; the trust bundle then comes from the ConfigMap
-    /// --ca-bundle-configmap in --namespace, followed as it changes.
-    #[arg(long, requires_all = ["ca_addr", "kubernetes"])]
-    ca_token_file: Option<PathBuf>,
-    /// ConfigMap (key bundle.pem) holding the trust bundle, for
-    /// --ca-token-file.
-    #[arg(long, default_value = "ambit-trust-bundle")]
-    ca_bundle_configmap: String,
-    /// This agent's namespace (the release namespace), for --ca-token-file.
-    #[arg(long, env = "POD_NAMESPACE")]
-    namespace: Option<String>,
     /// SVID lifetime of the embedded CA, in seconds (60 to 86400).
     #[arg(long, value_parser = clap::value_parser!(u64).range(60..=86400))]
     svid_ttl_secs: Option<u64>,
@@ -177,6 +190,42 @@ struct RunArgs {
     tunnel_max_connections_per_peer: u64,
     #[command(flatten)]
     limits: LimitArgs,
+}
+
+#[derive(Args)]
+struct SidecarArgs {
+    /// YAML file listing the mesh's workloads (re-read when it changes);
+    /// the served one must have `sidecar: true`.
+    #[arg(long)]
+    workloads: PathBuf,
+    /// The one workload served, NAMESPACE/NAME.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    workload: String,
+    /// The pod's node, whose bootstrap credential (nodes/NODE/ in
+    /// --ca-bootstrap-dir) requests the SVID [default: the file's `node`].
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    #[command(flatten)]
+    proxy: ProxyArgs,
+}
+
+#[derive(Args)]
+struct SidecarInitArgs {
+    /// SO_MARK of the sidecar's own sockets, which are not redirected.
+    #[arg(long, default_value = "0x0a3b", value_parser = parse_u32)]
+    proxy_mark: u32,
+    /// Exempt the sidecar by the uid it runs as instead of by mark.
+    #[arg(long, value_name = "UID")]
+    proxy_uid: Option<u32>,
+    /// The sidecar's outbound listener port.
+    #[arg(long, default_value_t = ambit_common::OUTBOUND_PORT)]
+    outbound_port: u16,
+    /// Inbound ports not redirected (comma-separated); 15008 never is.
+    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+    exclude_inbound_ports: Vec<u16>,
+    /// Delete the rules instead (the pod's traffic then flows in clear).
+    #[arg(long)]
+    remove: bool,
 }
 
 /// The agent's end of `ambit-cni` (--kubernetes only).
@@ -361,6 +410,8 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run(*args),
+        Command::Sidecar(args) => sidecar(*args),
+        Command::SidecarInit(args) => sidecar_init(args),
         Command::Ca(args) => ca(args),
         Command::Audit(args) => audit(args),
         // Prints its own findings and chooses its exit code.
@@ -378,86 +429,143 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let nofile = raise_nofile();
-    let config = RunConfig {
-        capture: CaptureConfig {
-            cgroup_path: args.cgroup_path,
-            bpf_pin_dir: args.bpf_pin_dir,
-            socket_mark: args.socket_mark,
-            outbound_port: args.outbound_port,
-        },
-        trust_domain: args.trust_domain,
-        identity: match (args.ca_addr, args.ca_bootstrap_dir, args.ca_token_file) {
-            (Some(addr), Some(bootstrap_dir), _) => IdentityConfig::Remote {
-                addr,
-                bootstrap_dir,
-            },
-            (Some(addr), None, Some(token_file)) => {
-                IdentityConfig::Attested(ambit::ca_service::kubernetes::AgentCaConfig {
-                    addr,
-                    token_file,
-                    namespace: anyhow::Context::context(
-                        args.namespace,
-                        "--ca-token-file needs --namespace (or POD_NAMESPACE): the namespace \
-                         of the trust bundle ConfigMap",
-                    )?,
-                    bundle_configmap: args.ca_bundle_configmap,
-                })
-            }
-            (Some(_), None, None) => anyhow::bail!(
-                "--ca-addr needs --ca-bootstrap-dir (files written by `ambit ca`) or, with \
-                 --kubernetes, --ca-token-file (node attestation)"
-            ),
-            (None, ..) => IdentityConfig::Embedded {
-                svid_ttl: args.svid_ttl_secs.map(Duration::from_secs),
-            },
-        },
-        workloads: match (args.workloads, args.node_name) {
-            (Some(path), _) => WorkloadSource::File(path),
-            (None, node_name) => WorkloadSource::Kubernetes(KubernetesConfig {
-                kubeconfig: args.kubeconfig,
-                node_name: anyhow::Context::context(
-                    node_name,
-                    "--node-name (or NODE_NAME) is required",
+    let attested = match (&args.proxy.ca_addr, args.ca_token_file) {
+        (Some(addr), Some(token_file)) => Some(IdentityConfig::Attested(
+            ambit::ca_service::kubernetes::AgentCaConfig {
+                addr: addr.clone(),
+                token_file,
+                namespace: anyhow::Context::context(
+                    args.namespace,
+                    "--ca-token-file needs --namespace (or POD_NAMESPACE): the namespace \
+                     of the trust bundle ConfigMap",
                 )?,
-                cni: Some(ambit::cni::CniConfig {
-                    socket: args.cni.cni_socket,
-                    state_dir: args.cni.state_dir,
-                }),
-            }),
-        },
-        reload_interval: Duration::from_millis(args.reload_interval_ms),
-        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-        cleanup_on_exit: args.cleanup_on_exit,
-        policy: PolicyConfig {
-            dir: args.policies,
-            settings: ambit::policy::Settings {
-                default_action: args.default_policy,
-                root_namespace: args.root_namespace,
+                bundle_configmap: args.ca_bundle_configmap,
             },
-            close_on_change: !args.keep_connections_on_policy_change,
-        },
-        audit_log: (args.audit_log.as_os_str() != "-").then_some(args.audit_log),
-        audit_max_bytes: args.audit_max_bytes,
-        audit_limits: ambit::audit::LimiterConfig {
-            burst: args.audit_unauthenticated_burst,
-            per_sec: args.audit_unauthenticated_per_sec,
-            total_per_sec: args.audit_unauthenticated_total_per_sec,
-            max_sources: usize::try_from(args.audit_tracked_sources).unwrap_or(usize::MAX),
-            summary_interval: Duration::from_secs(args.audit_summary_interval_secs),
-        },
-        admin_addr: args.admin_addr,
-        limits: args.limits.settings(nofile),
-        tunnel: ambit::tunnel::TunnelConfig {
-            handshake_timeout: Duration::from_millis(args.tunnel_handshake_timeout_ms),
-            stream_open_timeout: Duration::from_millis(args.tunnel_stream_open_timeout_ms),
-            ping_interval: Duration::from_millis(args.tunnel_ping_interval_ms),
-            ping_timeout: Duration::from_millis(args.tunnel_ping_timeout_ms),
-            idle_timeout: Duration::from_millis(args.tunnel_idle_timeout_ms),
-            max_connections_per_peer: usize::try_from(args.tunnel_max_connections_per_peer)
-                .unwrap_or(usize::MAX),
-        },
+        )),
+        _ => None,
     };
+    let workloads = match (args.workloads, args.node_name) {
+        (Some(path), _) => WorkloadSource::File(path),
+        (None, node_name) => WorkloadSource::Kubernetes(KubernetesConfig {
+            kubeconfig: args.kubeconfig,
+            node_name: anyhow::Context::context(
+                node_name,
+                "--node-name (or NODE_NAME) is required",
+            )?,
+            cni: Some(ambit::cni::CniConfig {
+                socket: args.cni.cni_socket,
+                state_dir: args.cni.state_dir,
+            }),
+        }),
+    };
+    let mut config = args.proxy.into_config(workloads, attested, nofile)?;
+    config.capture.cgroup_path = args.cgroup_path;
+    config.capture.bpf_pin_dir = args.bpf_pin_dir;
+    config.cleanup_on_exit = args.cleanup_on_exit;
     tokio::runtime::Runtime::new()?.block_on(ambit::agent::run(config))
+}
+
+impl ProxyArgs {
+    /// The settings for a proxy reading `workloads`; `attested`: the
+    /// node-attestation identity, which only `ambit run` offers.
+    fn into_config(
+        self,
+        workloads: WorkloadSource,
+        attested: Option<IdentityConfig>,
+        nofile: Option<u64>,
+    ) -> anyhow::Result<RunConfig> {
+        let args = self;
+        Ok(RunConfig {
+            capture: CaptureConfig {
+                socket_mark: args.socket_mark,
+                outbound_port: args.outbound_port,
+                ..CaptureConfig::default()
+            },
+            trust_domain: args.trust_domain,
+            identity: match (args.ca_addr, args.ca_bootstrap_dir, attested) {
+                (Some(addr), Some(bootstrap_dir), _) => IdentityConfig::Remote {
+                    addr,
+                    bootstrap_dir,
+                },
+                (Some(_), None, Some(attested)) => attested,
+                (Some(_), None, None) => anyhow::bail!(
+                    "--ca-addr needs --ca-bootstrap-dir (files written by `ambit ca`) or, with \
+                     --kubernetes, --ca-token-file (node attestation)"
+                ),
+                (None, ..) => IdentityConfig::Embedded {
+                    svid_ttl: args.svid_ttl_secs.map(Duration::from_secs),
+                },
+            },
+            workloads,
+            reload_interval: Duration::from_millis(args.reload_interval_ms),
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+            cleanup_on_exit: false,
+            policy: PolicyConfig {
+                dir: args.policies,
+                settings: ambit::policy::Settings {
+                    default_action: args.default_policy,
+                    root_namespace: args.root_namespace,
+                },
+                close_on_change: !args.keep_connections_on_policy_change,
+            },
+            audit_log: (args.audit_log.as_os_str() != "-").then_some(args.audit_log),
+            audit_max_bytes: args.audit_max_bytes,
+            audit_limits: ambit::audit::LimiterConfig {
+                burst: args.audit_unauthenticated_burst,
+                per_sec: args.audit_unauthenticated_per_sec,
+                total_per_sec: args.audit_unauthenticated_total_per_sec,
+                max_sources: usize::try_from(args.audit_tracked_sources).unwrap_or(usize::MAX),
+                summary_interval: Duration::from_secs(args.audit_summary_interval_secs),
+            },
+            admin_addr: args.admin_addr,
+            limits: args.limits.settings(nofile),
+            tunnel: ambit::tunnel::TunnelConfig {
+                handshake_timeout: Duration::from_millis(args.tunnel_handshake_timeout_ms),
+                stream_open_timeout: Duration::from_millis(args.tunnel_stream_open_timeout_ms),
+                ping_interval: Duration::from_millis(args.tunnel_ping_interval_ms),
+                ping_timeout: Duration::from_millis(args.tunnel_ping_timeout_ms),
+                idle_timeout: Duration::from_millis(args.tunnel_idle_timeout_ms),
+                max_connections_per_peer: usize::try_from(args.tunnel_max_connections_per_peer)
+                    .unwrap_or(usize::MAX),
+            },
+        })
+    }
+}
+
+fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
+    let nofile = raise_nofile();
+    let run = args
+        .proxy
+        .into_config(WorkloadSource::File(args.workloads), None, nofile)?;
+    anyhow::ensure!(
+        matches!(run.identity, IdentityConfig::Remote { .. }),
+        "a sidecar gets its pod's SVID from `ambit ca`, like the node agents: pass --ca-addr \
+         and --ca-bootstrap-dir (an embedded CA would be trusted by nobody else)"
+    );
+    let config = ambit::sidecar::SidecarConfig {
+        run,
+        workload: args.workload,
+        node_name: args.node_name,
+    };
+    tokio::runtime::Runtime::new()?.block_on(ambit::sidecar::run(config))
+}
+
+fn sidecar_init(args: SidecarInitArgs) -> anyhow::Result<()> {
+    use ambit::sidecar::{
+        init,
+        rules::{ProxyExemption, RedirectRules},
+    };
+    if args.remove {
+        return init::remove();
+    }
+    init::install(&RedirectRules {
+        exemption: match args.proxy_uid {
+            Some(uid) => ProxyExemption::Uid(uid),
+            None => ProxyExemption::Mark(args.proxy_mark),
+        },
+        outbound_port: args.outbound_port,
+        exclude_inbound_ports: args.exclude_inbound_ports,
+    })
 }
 
 fn ca(args: CaArgs) -> anyhow::Result<()> {

@@ -66,6 +66,11 @@ impl Netns {
         Ok(netns)
     }
 
+    /// The namespace the calling thread is in (a sidecar's: its pod's).
+    pub fn current() -> Result<Self> {
+        Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
     /// The kernel's cookie for this namespace, as `bpf_get_netns_cookie` sees it.
     pub fn cookie(&self) -> u64 {
         self.cookie
@@ -111,7 +116,7 @@ impl Netns {
             if addr.is_ipv6() {
                 socket.set_only_v6(!addr.ip().is_unspecified())?;
             }
-            socket.set_mark(mark)?;
+            set_mark(&socket, mark)?;
             socket.set_reuse_address(true)?;
             socket.set_nonblocking(true)?;
             socket.bind(&addr.into())?;
@@ -128,7 +133,7 @@ impl Netns {
             .run(move || -> io::Result<Socket> {
                 let socket =
                     Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-                socket.set_mark(mark)?;
+                set_mark(&socket, mark)?;
                 socket.set_nonblocking(true)?;
                 socket.set_tcp_nodelay(true)?;
                 Ok(socket)
@@ -165,6 +170,15 @@ impl Netns {
         })?
         .with_context(|| format!("listing the addresses in {}", self.path.display()))
     }
+}
+
+/// SO_MARK, unless `mark` is 0: a sidecar exempted by uid runs without
+/// CAP_NET_ADMIN and marks nothing.
+fn set_mark(socket: &Socket, mark: u32) -> io::Result<()> {
+    if mark == 0 {
+        return Ok(());
+    }
+    socket.set_mark(mark)
 }
 
 /// SO_NETNS_COOKIE (71): the cookie of the namespace a socket lives in.

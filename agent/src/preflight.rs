@@ -62,7 +62,7 @@ pub enum PreflightError {
 }
 
 /// Effective capability mask of this process, from /proc/self/status.
-fn effective_capabilities() -> Result<u64, PreflightError> {
+pub(crate) fn effective_capabilities() -> Result<u64, PreflightError> {
     let path = Path::new("/proc/self/status");
     let status = fs::read_to_string(path).map_err(|source| PreflightError::Io {
         path: path.into(),

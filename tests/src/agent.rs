@@ -27,6 +27,8 @@ pub struct WorkloadEntry {
     /// The network namespace to list instead of the pod's own (to show how
     /// the agent handles one it cannot open).
     pub netns_override: Option<PathBuf>,
+    /// Served by its own `ambit sidecar` (`sidecar: true`), not the node agent.
+    pub sidecar: bool,
 }
 
 impl WorkloadEntry {
@@ -40,6 +42,7 @@ impl WorkloadEntry {
             permissive: false,
             labels: Vec::new(),
             netns_override: None,
+            sidecar: false,
         }
     }
 
@@ -89,9 +92,10 @@ pub fn agent_binary() -> Result<PathBuf> {
 
 /// Where the agent runs: its node's network namespace, in a cgroup below
 /// the node's (so its own sockets meet the capture programs, as on a node).
-struct AgentPlace {
-    netns: String,
-    cgroup: PathBuf,
+/// A sidecar runs in its pod's namespace instead.
+pub(crate) struct AgentPlace {
+    pub(crate) netns: String,
+    pub(crate) cgroup: PathBuf,
 }
 
 impl exec::Host for AgentPlace {
@@ -117,17 +121,17 @@ pub struct Agent {
     pub audit_log: PathBuf,
     /// The node it runs on (its admin server listens on 127.0.0.1 there).
     pub node: crate::Node,
-    children: Arc<Mutex<Vec<Child>>>,
+    /// For a sidecar: the pod it serves, where it runs (and its admin
+    /// server listens on 127.0.0.1).
+    pub pod: Option<Pod>,
+    pub(crate) children: Arc<Mutex<Vec<Child>>>,
 }
 
 impl Testbed {
     /// Writes `<dir>/workloads-n<node>.yaml` for the agent of `node`.
     pub fn write_workloads(&self, node: usize, entries: &[WorkloadEntry]) -> Result<PathBuf> {
-        let doc = workloads_doc(&format!("node{node}"), entries);
         let path = self.dir.path().join(format!("workloads-n{node}.yaml"));
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&doc)?)?;
-        std::fs::rename(&tmp, &path)?;
+        write_atomically(&path, &workloads_doc(&format!("node{node}"), entries))?;
         Ok(path)
     }
 
@@ -264,12 +268,7 @@ impl Testbed {
     /// node); the CA re-reads it.
     pub fn write_ca_directory(&self, entries: &[WorkloadEntry]) -> Result<PathBuf> {
         let directory = self.dir.path().join("ca-directory.yaml");
-        let tmp = directory.with_extension("tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_string_pretty(&workloads_doc("ca", entries))?,
-        )?;
-        std::fs::rename(&tmp, &directory)?;
+        write_atomically(&directory, &workloads_doc("ca", entries))?;
         Ok(directory)
     }
 
@@ -285,16 +284,34 @@ impl Testbed {
             netns: node.netns.clone(),
             cgroup: node.cgroup.join(role),
         };
+        self.launch_in(
+            &place,
+            node,
+            &format!("{role}-n{}-", node.index),
+            args,
+            filter,
+        )
+    }
+
+    /// Spawns `ambit ARGS` at `place` on `node`, logging to
+    /// `<prefix><generation>.err`.
+    pub(crate) fn launch_in(
+        &self,
+        place: &AgentPlace,
+        node: &crate::Node,
+        prefix: &str,
+        args: &[String],
+        filter: Option<&str>,
+    ) -> Result<Agent> {
         std::fs::create_dir_all(&place.cgroup)?;
-        let prefix = format!("{role}-n{}-", node.index);
         let generation = std::fs::read_dir(self.dir.path())?
             .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
             .count()
             / 2;
         let name = format!("{prefix}{generation}");
         let binary = agent_binary()?;
-        let mut cmd = exec::command(&place, binary.to_str().unwrap(), &[]);
+        let mut cmd = exec::command(place, binary.to_str().unwrap(), &[]);
         cmd.args(args);
         match (filter, std::env::var_os("AMBIT_LOG")) {
             (Some(filter), _) => cmd.env("AMBIT_LOG", filter),
@@ -310,6 +327,7 @@ impl Testbed {
             bpf_pin_dir: PathBuf::new(),
             audit_log: PathBuf::new(),
             node: node.clone(),
+            pod: None,
             children: Arc::clone(&self.children),
         })
     }
@@ -325,8 +343,16 @@ pub struct CaInfo {
     pub bootstrap_dir: PathBuf,
 }
 
+/// Replaces `path` with `doc` in one rename, so a reader never sees half.
+pub(crate) fn write_atomically(path: &Path, doc: &Value) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(doc)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 /// A workloads file (JSON, which is YAML) for `node` listing `entries`.
-fn workloads_doc(node: &str, entries: &[WorkloadEntry]) -> Value {
+pub(crate) fn workloads_doc(node: &str, entries: &[WorkloadEntry]) -> Value {
     let workloads: Vec<Value> = entries
         .iter()
         .map(|e| {
@@ -352,6 +378,7 @@ fn workloads_doc(node: &str, entries: &[WorkloadEntry]) -> Value {
                 "netns": netns,
                 "ips": [e.pod.ipv4.to_string(), e.pod.ipv6.to_string()],
                 "node": format!("node{}", e.pod.node),
+                "sidecar": e.sidecar,
             })
         })
         .collect();
@@ -370,9 +397,13 @@ impl Agent {
         .with_context(|| format!("{} never logged {msg:?}:\n{}", self.name, self.raw_log()))
     }
 
-    /// GETs `path` from the agent's admin server (from inside its node).
+    /// GETs `path` from the agent's admin server (from inside its node, or
+    /// a sidecar's pod).
     pub fn admin_get(&self, tb: &Testbed, path: &str) -> Result<(String, String)> {
-        admin_get(tb, &self.node, path)
+        match &self.pod {
+            Some(pod) => admin_get(tb, pod, path),
+            None => admin_get(tb, &self.node, path),
+        }
     }
 
     /// The value of one series in the agent's /metrics, e.g.
@@ -478,7 +509,7 @@ impl Agent {
 
 /// GETs `path` from the admin server of the agent on `node` (on
 /// 127.0.0.1:15020 there); returns (status code, body).
-pub fn admin_get(tb: &Testbed, node: &crate::Node, path: &str) -> Result<(String, String)> {
+pub fn admin_get(tb: &Testbed, node: &dyn exec::Host, path: &str) -> Result<(String, String)> {
     let url = format!("http://127.0.0.1:15020{path}");
     let out = tb.run(
         node,

@@ -24,6 +24,7 @@ pub mod kube_ca;
 pub mod kube_pods;
 pub mod link_capture;
 pub mod procfs;
+pub mod sidecar;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},

@@ -114,6 +114,9 @@ pub struct CaClient {
     node_id: SpiffeId,
     ca_id: SpiffeId,
     timeout: Duration,
+    /// SO_MARK of the connections to the CA (a sidecar's own traffic must
+    /// carry it to pass its nftables rules unredirected).
+    socket_mark: Option<u32>,
 }
 
 /// Where the node credential comes from.
@@ -194,6 +197,7 @@ impl CaClient {
             node_id,
             ca_id,
             timeout: Duration::from_secs(10),
+            socket_mark: None,
         })
     }
 
@@ -222,6 +226,7 @@ impl CaClient {
             trust_domain,
             node_id,
             timeout: Duration::from_secs(10),
+            socket_mark: None,
         })
     }
 
@@ -229,6 +234,12 @@ impl CaClient {
     /// 10 s by default.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Marks the connections to the CA with `mark` (SO_MARK), if given.
+    pub fn with_socket_mark(mut self, mark: Option<u32>) -> Self {
+        self.socket_mark = mark;
         self
     }
 
@@ -354,7 +365,7 @@ impl CaClient {
         let addr = || self.addr.clone();
         // A host name is resolved now (every address is tried in turn), so
         // a Service whose address changes is followed.
-        let tcp = TcpStream::connect(self.addr.as_str())
+        let tcp = connect(self.addr.as_str(), self.socket_mark)
             .await
             .map_err(|source| CaClientError::Connect {
                 addr: addr(),
@@ -685,4 +696,26 @@ pub(super) fn load_credential(
 fn leaf_spki(leaf: &CertificateDer<'_>) -> Option<Vec<u8>> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
     Some(cert.tbs_certificate.subject_pki.raw.to_vec())
+}
+
+/// Connects to `addr` (each resolved address in turn, as
+/// `TcpStream::connect` does), marked with `mark` if given.
+async fn connect(addr: &str, mark: Option<u32>) -> io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
+    for resolved in tokio::net::lookup_host(addr).await? {
+        let socket = if resolved.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+        match socket.connect(resolved).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }

@@ -375,6 +375,7 @@ mod tests {
             ips: vec![],
             node: Some(node.into()),
             probes: Default::default(),
+            sidecar: false,
         };
         let mut view = NodeWorkloads {
             node: "n0".into(),

@@ -1,5 +1,6 @@
 //! Inbound plaintext: connections to an enrolled pod that did not come
-//! through the tunnel, handed to the agent by the sk_lookup program.
+//! through the tunnel, handed to the agent by the sk_lookup program (or a
+//! sidecar's nftables REDIRECT).
 //! Strict pods refuse them with a reset; permissive pods let them through
 //! if policy allows (with no source identity). The kubelet's httpGet probes
 //! from the node are let through to both ([`super::probe`]).
@@ -13,13 +14,13 @@ use tokio::{
 
 use super::{
     dial::unmapped,
+    interception::Interception,
     limits::ConnectionPermit,
     loop_guard,
     probe::{self, PROBE_REASON},
 };
 use crate::{
     audit,
-    capture::Capture,
     gate::{Connection, Gate},
     pod::PodContext,
     workloads::probes::ProbeKind,
@@ -31,8 +32,9 @@ const STRICT_REASON: &str = "plaintext from outside the mesh to a strict mTLS wo
 pub struct PlaintextContext {
     pub pod: Arc<PodContext>,
     pub gate: Arc<Gate>,
-    /// Tells connections opened on the node (kubelet probes) apart.
-    pub capture: Arc<Capture>,
+    /// Knows where each connection was going, and tells connections
+    /// opened on the node (kubelet probes) apart.
+    pub interception: Interception,
 }
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PlaintextContext>) {
@@ -53,8 +55,9 @@ async fn handle(
 ) {
     let pod = &ctx.pod;
     let peer = unmapped(peer);
-    // sk_lookup does not rewrite addresses: the local end is what the peer dialled.
-    let Ok(dst) = stream.local_addr().map(unmapped) else {
+    let Ok(dst) = ctx.interception.inbound_dst(&stream) else {
+        // Nowhere known to send it: refuse (fail closed).
+        let _ = stream.set_zero_linger();
         return;
     };
     let state = pod.state();
@@ -73,7 +76,7 @@ async fn handle(
     // no probe), replayed to the application if the pod accepts plaintext.
     let mut replay = Vec::new();
     let mut strict_reason = STRICT_REASON.to_owned();
-    if ctx.capture.opened_by_node(peer, dst) == Some(ProbeKind::Http)
+    if ctx.interception.opened_by_node(peer, dst) == Some(ProbeKind::Http)
         // Never a probe of the agent's own ports.
         && loop_guard::refusal(dst, pod.dial.agent_ports).is_none()
     {

@@ -1,5 +1,6 @@
 //! The outbound side: connections an enrolled pod's application opened,
-//! redirected by connect4/6 to the agent's listener inside the pod.
+//! redirected (by connect4/6, or a sidecar's nftables rules) to the
+//! agent's listener inside the pod.
 //!
 //! A destination that is a mesh workload is reached through an mTLS HBONE
 //! tunnel to its 15008 port, presenting the source pod's SVID and accepting
@@ -15,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use super::{
+    interception::Interception,
     limits::ConnectionPermit,
     relay::{RelayStats, relay},
     service_route::{ServiceAudit, route},
@@ -22,7 +24,6 @@ use super::{
 };
 use crate::{
     audit::{self, AuditLog},
-    capture::Capture,
     identity::{client_config, handshake_failure_reason},
     mesh::{Mesh, TunnelKey},
     pod::{PodContext, PodState},
@@ -33,7 +34,8 @@ use crate::{
 /// What an outbound listener needs to serve one pod.
 pub struct OutboundContext {
     pub pod: Arc<PodContext>,
-    pub capture: Arc<Capture>,
+    /// Knows where each accepted connection was going.
+    pub interception: Interception,
     pub mesh: Arc<Mesh>,
     /// For connections to a Service, which this side of the node audits.
     pub audit: Arc<AuditLog>,
@@ -69,8 +71,8 @@ async fn handle(
 
 async fn serve_connection(downstream: TcpStream, client: SocketAddr, ctx: &OutboundContext) {
     let Some(orig_dst) = ctx
-        .capture
-        .take_original_dst(ctx.pod.netns.cookie(), client)
+        .interception
+        .outbound_dst(&downstream, ctx.pod.netns.cookie(), client)
     else {
         // Someone dialled the listener directly, or the entry was evicted:
         // without a destination there is nothing safe to do but close.

@@ -43,6 +43,11 @@ pub struct Workload {
     /// The kubelet's probes of the pod (this node's pods only).
     #[serde(default)]
     pub probes: probes::Probes,
+    /// Served by its own `ambit sidecar` instead of the node agent: still a
+    /// mesh destination (its identity is expected at 15008), never captured
+    /// by the node agent.
+    #[serde(default)]
+    pub sidecar: bool,
 }
 
 /// A Kubernetes namespace's labels (only those matter for enrollment).
@@ -104,11 +109,12 @@ pub struct NodeWorkloads {
 }
 
 impl NodeWorkloads {
-    /// The workloads this agent must capture: on this node, and enrolled by
-    /// label. A pod's own label wins over its namespace's.
+    /// The workloads this agent must capture: on this node, enrolled by
+    /// label (a pod's own label wins over its namespace's), and not served
+    /// by a sidecar of their own.
     pub fn enrolled(&self) -> impl Iterator<Item = &Workload> {
         self.in_mesh()
-            .filter(|w| w.node.as_deref().is_none_or(|n| n == self.node))
+            .filter(|w| !w.sidecar && w.node.as_deref().is_none_or(|n| n == self.node))
     }
 
     /// Every enrolled workload, on any node: the possible tunnel peers.

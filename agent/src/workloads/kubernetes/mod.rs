@@ -375,6 +375,8 @@ fn workload((namespace, name): &(String, String), pod: &PodRecord, netns: PathBu
         ips: pod.ips.clone(),
         node: Some(pod.node.clone()),
         probes: pod.probes.clone(),
+        // Pods from the API are always served by the node agent.
+        sidecar: false,
     }
 }
 
