@@ -312,6 +312,13 @@ pub fn idle_conns(addr: SocketAddr, count: usize) -> Result<()> {
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit.
 pub fn raise_fd_limit() -> Result<()> {
+    raise_fd_limit_to(0)
+}
+
+/// Raises RLIMIT_NOFILE to at least `floor` (the hard limit too: root may)
+/// and the soft limit to the hard one. Processes started afterwards (the
+/// agents, the sidecars, the pod programs) inherit it.
+pub fn raise_fd_limit_to(floor: u64) -> Result<()> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -321,6 +328,7 @@ pub fn raise_fd_limit() -> Result<()> {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             bail!("getrlimit: {}", std::io::Error::last_os_error());
         }
+        limit.rlim_max = limit.rlim_max.max(floor);
         limit.rlim_cur = limit.rlim_max;
         if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
             bail!("setrlimit: {}", std::io::Error::last_os_error());

@@ -25,7 +25,6 @@ mod report;
 mod results;
 mod rounds;
 mod scale;
-mod sidecar_api;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -34,7 +33,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    modes::{Bench, modes},
+    modes::{Bench, MODES},
     results::{Config, Machine, Recorder, Results},
 };
 
@@ -89,9 +88,21 @@ fn main() -> Result<()> {
     plots::write_all(&results, &out)?;
     let in_docs = out.canonicalize()? == docs.join("bench").canonicalize().unwrap_or_default();
     if in_docs {
+        let section = report::section(&results, "bench");
         report::splice(
             &docs.join("benchmarks.md"),
-            &report::section(&results, "bench"),
+            report::BEGIN,
+            report::END,
+            &section,
+        )?;
+        // The README's short version, with the same markers scheme.
+        let readme = report::readme_section(&results);
+        let readme_path = docs.join("../README.md");
+        report::splice(
+            &readme_path,
+            report::README_BEGIN,
+            report::README_END,
+            &readme,
         )?;
     } else {
         std::fs::write(
@@ -110,7 +121,7 @@ fn main() -> Result<()> {
 }
 
 fn run(cfg: Config) -> Result<Results> {
-    let modes = modes();
+    let modes = MODES.to_vec();
     let machine = Machine::this();
     println!(
         "mesh-bench: {} on {} ({} cores, kernel {}), modes {:?}",
@@ -120,6 +131,9 @@ fn run(cfg: Config) -> Result<Results> {
         machine.kernel,
         modes.iter().map(|m| m.key()).collect::<Vec<_>>()
     );
+    // Room for 10,000 idle connections through each agent (two descriptors
+    // each), inherited by every process the testbed starts.
+    load::raise_fd_limit_to(65_536)?;
     let mut bench = Bench::start(&modes)?;
     let mut rec = Recorder::default();
     let rates = rounds::rates(&bench, &modes, &cfg, &mut rec)?;

@@ -9,9 +9,6 @@ use std::{net::SocketAddr, time::Duration};
 use ambit_testbed::{Agent, Pod, Testbed, WorkloadEntry, procfs};
 use anyhow::{Context, Result};
 
-#[allow(unused_imports)]
-use crate::sidecar_api::{SidecarEntry as _, SidecarTestbed as _};
-
 pub const HTTP_PORT: u16 = 8080;
 pub const IPERF_PORT: u16 = 5201;
 
@@ -22,14 +19,8 @@ pub enum Mode {
     Sidecar,
 }
 
-/// The modes this build measures, in the order of the first round.
-pub fn modes() -> Vec<Mode> {
-    let mut modes = vec![Mode::Plaintext, Mode::Node];
-    if crate::sidecar_api::AVAILABLE {
-        modes.push(Mode::Sidecar);
-    }
-    modes
-}
+/// The modes measured, in the order of the first round.
+pub const MODES: [Mode; 3] = [Mode::Plaintext, Mode::Node, Mode::Sidecar];
 
 impl Mode {
     /// The key used in results.json.
@@ -199,6 +190,17 @@ impl Bench {
             .extend(pods.iter().map(WorkloadEntry::enrolled));
         self.tb.write_workloads(0, &self.entries)?;
         self.tb.write_workloads(1, &self.entries)?;
+        Ok(())
+    }
+
+    /// Rewrites the workloads file of every sidecar (or only `pod`'s) with
+    /// every entry, so they know the pods added since they started.
+    pub fn sync_sidecars(&self, only: Option<&Pod>) -> Result<()> {
+        for (pod, sidecar) in &self.sidecars {
+            if only.is_none_or(|p| p.name == pod.name) {
+                sidecar.rewrite_sidecar_workloads(&self.entries)?;
+            }
+        }
         Ok(())
     }
 

@@ -10,6 +10,9 @@ use crate::results::Results;
 
 pub const BEGIN: &str = "<!-- mesh-bench:begin -->";
 pub const END: &str = "<!-- mesh-bench:end -->";
+/// The README's short version of the report.
+pub const README_BEGIN: &str = "<!-- mesh-bench:readme:begin -->";
+pub const README_END: &str = "<!-- mesh-bench:readme:end -->";
 
 fn fmt(value: Option<f64>) -> String {
     match value {
@@ -300,22 +303,42 @@ pub fn section(r: &Results, images: &str) -> String {
     s
 }
 
-/// Replaces the section between the markers in `path` (appending it when
-/// the file has none), keeping the rest of the file.
-pub fn splice(path: &Path, section: &str) -> Result<()> {
+/// The README's section: the headline figures and the scale plot.
+pub fn readme_section(r: &Results) -> String {
+    let mut s = format!(
+        "{README_BEGIN}\n## Node mode vs sidecar mode\n\n\
+         The same proxy deployed both ways, measured side by side with plaintext in one run of \
+         `cargo xtask bench` ({}, {} cores, kernel {}, commit `{}`; details and every figure in \
+         [docs/benchmarks.md](docs/benchmarks.md)):\n\n| | |\n|---|---|\n",
+        r.machine.date.get(..10).unwrap_or(&r.machine.date),
+        r.machine.cores,
+        r.machine.kernel,
+        r.machine.git_commit
+    );
+    for (what, value) in headlines(r) {
+        let _ = writeln!(s, "| {what} | {value} |");
+    }
+    let _ = write!(
+        s,
+        "\n![data-plane memory and CPU against pods per node](docs/bench/scale.svg)\n{README_END}"
+    );
+    s
+}
+
+/// Replaces the section between `begin` and `end` in `path` (appending it
+/// when the file has neither), keeping the rest of the file.
+pub fn splice(path: &Path, begin: &str, end: &str, section: &str) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let updated = match (text.find(BEGIN), text.find(END)) {
-        (Some(begin), Some(end)) if begin < end => {
-            format!(
-                "{}{}{}",
-                &text[..begin],
-                section.trim_end(),
-                &text[end + END.len()..]
-            )
-        }
-        (None, None) => format!("{}\n{}\n", text.trim_end(), section.trim_end()),
-        _ => bail!("{} has a broken {BEGIN} / {END} pair", path.display()),
+    let updated = match (text.find(begin), text.find(end)) {
+        (Some(b), Some(e)) if b < e => format!(
+            "{}{}{}",
+            &text[..b],
+            section.trim_end(),
+            &text[e + end.len()..]
+        ),
+        (None, None) => format!("{}\n\n{}\n", text.trim_end(), section.trim_end()),
+        _ => bail!("{} has a broken {begin} / {end} pair", path.display()),
     };
     std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
 }

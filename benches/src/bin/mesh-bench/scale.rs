@@ -34,9 +34,13 @@ pub fn run(b: &mut Bench, modes: &[Mode], cfg: &Config, rec: &mut Recorder) -> R
                 let name = format!("s{m}-{}", mode_pods.len());
                 mode_pods.push(b.add_server_pod(*mode, node, &name)?);
             }
+            b.sync_sidecars(None)?;
             let started = unix_micros();
             let name = format!("s{m}-{}", mode_pods.len());
             let pod = b.add_server_pod(*mode, 1, &name)?;
+            // The client's sidecar learns of the new pod as the node agents
+            // do: from its workloads file.
+            b.sync_sidecars(Some(&b.lane(*mode).client))?;
             let addr = SocketAddr::new(pod.ipv4.into(), HTTP_PORT).to_string();
             let served: FirstServed = b.run_in(
                 &b.lane(*mode).client,
