@@ -328,10 +328,17 @@ pub fn raise_fd_limit_to(floor: u64) -> Result<()> {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             bail!("getrlimit: {}", std::io::Error::last_os_error());
         }
-        limit.rlim_max = limit.rlim_max.max(floor);
+        let hard = limit.rlim_max;
+        limit.rlim_max = hard.max(floor);
         limit.rlim_cur = limit.rlim_max;
+        // Raising the hard limit needs CAP_SYS_RESOURCE: without it, take
+        // the hard limit as it is.
         if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-            bail!("setrlimit: {}", std::io::Error::last_os_error());
+            limit.rlim_max = hard;
+            limit.rlim_cur = hard;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                bail!("setrlimit: {}", std::io::Error::last_os_error());
+            }
         }
     }
     Ok(())
