@@ -97,12 +97,7 @@ pub fn run(b: &mut Bench, cfg: &Config, rec: &mut Recorder) -> Result<Vec<Sample
         );
         rec.record(format!("churn.fds.{stage}"), "fds", usage.fds as f64);
     }
-    rec.record(
-        "churn.conns.requests",
-        "connections",
-        counts.requests as f64,
-    );
-    rec.record("churn.conns.errors", "connections", counts.errors as f64);
+    rec.record_counts("churn.conns", "connections", counts);
     println!(
         "  churn: {} cycles, agent baseline {baseline}, peak {peak}, end {end}; {} connections, {} errors",
         cfg.churn_cycles, counts.requests, counts.errors

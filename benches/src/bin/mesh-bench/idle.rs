@@ -46,8 +46,7 @@ pub fn run(b: &Bench, cfg: &Config, rec: &mut Recorder) -> Result<()> {
         .collect::<Result<_>>()?;
     // SAFETY: kill(2) on the child we just spawned (the testbed reaps it).
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    rec.record("idle.node.requests", "connections", counts.requests as f64);
-    rec.record("idle.node.errors", "connections", counts.errors as f64);
+    rec.record_counts("idle.node", "connections", counts);
     for (side, (before, during)) in ["client_agent", "server_agent"]
         .iter()
         .zip(before.iter().zip(&during))

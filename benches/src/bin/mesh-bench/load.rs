@@ -288,9 +288,10 @@ pub fn conn_loop(addr: SocketAddr, stop: &Path) -> Result<Counts> {
     Ok(counts)
 }
 
-/// Opens `count` connections, one request on each (so every one is
+/// Opens up to `count` connections, one request on each (so every one is
 /// established end to end), prints the counts, then holds them open until
-/// killed.
+/// killed. Stops at the first failure: a data plane at its connection
+/// limit makes every further attempt wait out the timeout.
 pub fn idle_conns(addr: SocketAddr, count: usize) -> Result<()> {
     raise_fd_limit()?;
     let mut held = Vec::with_capacity(count);
@@ -301,7 +302,14 @@ pub fn idle_conns(addr: SocketAddr, count: usize) -> Result<()> {
                 held.push(conn);
                 counts.requests += 1;
             }
-            Err(_) => counts.errors += 1,
+            Err(error) => {
+                counts.errors += 1;
+                eprintln!(
+                    "idle-conns: connection {} failed: {error}",
+                    counts.requests + 1
+                );
+                break;
+            }
         }
     }
     println!("{}", serde_json::to_string(&counts)?);

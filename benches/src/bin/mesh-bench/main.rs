@@ -145,12 +145,14 @@ fn run(cfg: Config) -> Result<Results> {
             rounds::round(&bench, mode, &rates, &cfg, &mut rec)?;
         }
     }
-    println!("idle connections");
-    idle::run(&bench, &cfg, &mut rec)?;
     println!("churn");
     let churn_samples = churn::run(&mut bench, &cfg, &mut rec)?;
     println!("scale");
     scale::run(&mut bench, &modes, &cfg, &mut rec)?;
+    // Last: the agents keep much of what thousands of connections made
+    // resident, which would skew the churn baseline and the scale memory.
+    println!("idle connections");
+    idle::run(&bench, &cfg, &mut rec)?;
     Ok(Results {
         machine,
         config: cfg,

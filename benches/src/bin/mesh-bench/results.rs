@@ -145,6 +145,12 @@ impl Recorder {
             .push(value);
     }
 
+    /// A load's `.requests` and `.errors` under `key`.
+    pub fn record_counts(&mut self, key: &str, unit: &str, counts: crate::load::Counts) {
+        self.record(format!("{key}.requests"), unit, counts.requests as f64);
+        self.record(format!("{key}.errors"), unit, counts.errors as f64);
+    }
+
     pub fn into_figures(self) -> BTreeMap<String, Figure> {
         self.values
             .into_iter()

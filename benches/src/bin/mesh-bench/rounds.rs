@@ -112,16 +112,7 @@ pub fn round(
             rec.record(format!("{key}.{q}"), "µs", v);
         }
         rec.record(format!("{key}.achieved_rps"), "req/s", run.achieved_rps);
-        rec.record(
-            format!("{key}.requests"),
-            "requests",
-            run.counts.requests as f64,
-        );
-        rec.record(
-            format!("{key}.errors"),
-            "requests",
-            run.counts.errors as f64,
-        );
+        rec.record_counts(&key, "requests", run.counts);
         // Cores the data plane used, and per 1,000 req/s of this load.
         rec.record(format!("cpu.{}.{m}.cores", rate.label), "cores", cores);
         rec.record(
@@ -149,16 +140,7 @@ pub fn round(
     )?;
     let cpu = b.data_plane_cpu(mode)? - cpu;
     rec.record(format!("conn_rate.{m}.per_s"), "conn/s", rate.per_second);
-    rec.record(
-        format!("conn_rate.{m}.requests"),
-        "connections",
-        rate.counts.requests as f64,
-    );
-    rec.record(
-        format!("conn_rate.{m}.errors"),
-        "connections",
-        rate.counts.errors as f64,
-    );
+    rec.record_counts(&format!("conn_rate.{m}"), "connections", rate.counts);
     rec.record(
         format!("conn_rate.{m}.cpu_us_per_conn"),
         "µs",
@@ -171,16 +153,7 @@ pub fn round(
     )?;
     rec.record(format!("conn_cost.{m}.p50"), "µs", cost.latency_us.p50);
     rec.record(format!("conn_cost.{m}.p99"), "µs", cost.latency_us.p99);
-    rec.record(
-        format!("conn_cost.{m}.requests"),
-        "connections",
-        cost.counts.requests as f64,
-    );
-    rec.record(
-        format!("conn_cost.{m}.errors"),
-        "connections",
-        cost.counts.errors as f64,
-    );
+    rec.record_counts(&format!("conn_cost.{m}"), "connections", cost.counts);
     Ok(())
 }
 

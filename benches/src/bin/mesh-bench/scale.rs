@@ -79,12 +79,7 @@ pub fn run(b: &mut Bench, modes: &[Mode], cfg: &Config, rec: &mut Recorder) -> R
                 "CPU s",
                 cpu * 1000.0 / counts.requests.max(1) as f64,
             );
-            rec.record(
-                format!("{key}.requests"),
-                "requests",
-                counts.requests as f64,
-            );
-            rec.record(format!("{key}.errors"), "requests", counts.errors as f64);
+            rec.record_counts(&key, "requests", counts);
             let rss = b.data_plane_rss_kib(*mode)?;
             rec.record(format!("{key}.memory_mib"), "MiB", rss as f64 / 1024.0);
             rec.record(
