@@ -59,6 +59,9 @@ struct Cli {
 enum Command {
     /// Ratios new/old of every figure in two results.json files.
     Compare { old: PathBuf, new: PathBuf },
+    /// Redraws the plots and the report from docs/bench/results.json
+    /// (after a change to the report's layout), without measuring.
+    Render,
 }
 
 fn main() -> Result<()> {
@@ -69,10 +72,15 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let cli = Cli::parse();
-    if let Some(Command::Compare { old, new }) = cli.command {
-        return compare::print(&old, &new);
-    }
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    match cli.command {
+        Some(Command::Compare { old, new }) => return compare::print(&old, &new),
+        Some(Command::Render) => {
+            let results = Results::read(&docs.join("bench/results.json"))?;
+            return publish(&results, &docs.join("bench"), &docs);
+        }
+        None => {}
+    }
     let out = match (&cli.out, cli.quick) {
         (Some(out), _) => out.clone(),
         (None, false) => docs.join("bench"),
@@ -85,31 +93,7 @@ fn main() -> Result<()> {
     let results = run(Config::new(cli.quick))?;
     let json = out.join("results.json");
     results.write(&json)?;
-    plots::write_all(&results, &out)?;
-    let in_docs = out.canonicalize()? == docs.join("bench").canonicalize().unwrap_or_default();
-    if in_docs {
-        let section = report::section(&results, "bench");
-        report::splice(
-            &docs.join("benchmarks.md"),
-            report::BEGIN,
-            report::END,
-            &section,
-        )?;
-        // The README's short version, with the same markers scheme.
-        let readme = report::readme_section(&results);
-        let readme_path = docs.join("../README.md");
-        report::splice(
-            &readme_path,
-            report::README_BEGIN,
-            report::README_END,
-            &readme,
-        )?;
-    } else {
-        std::fs::write(
-            out.join("benchmarks-section.md"),
-            report::section(&results, "."),
-        )?;
-    }
+    publish(&results, &out, &docs)?;
     println!("\nmesh-bench: results in {}", out.display());
     for (what, value) in report::headlines(&results) {
         println!("  {what}: {value}");
@@ -118,6 +102,36 @@ fn main() -> Result<()> {
         compare::print(&old, &json)?;
     }
     Ok(())
+}
+
+/// Draws the plots into `out` and writes the report: into docs/benchmarks.md
+/// and the README when `out` is docs/bench, else beside the plots.
+fn publish(results: &Results, out: &Path, docs: &Path) -> Result<()> {
+    plots::write_all(results, out)?;
+    let in_docs = out.canonicalize()? == docs.join("bench").canonicalize().unwrap_or_default();
+    if in_docs {
+        let section = report::section(results, "bench");
+        report::splice(
+            &docs.join("benchmarks.md"),
+            report::BEGIN,
+            report::END,
+            &section,
+        )?;
+        let readme = report::readme_section(results);
+        let readme_path = docs.join("../README.md");
+        report::splice(
+            &readme_path,
+            report::README_BEGIN,
+            report::README_END,
+            &readme,
+        )
+    } else {
+        std::fs::write(
+            out.join("benchmarks-section.md"),
+            report::section(results, "."),
+        )?;
+        Ok(())
+    }
 }
 
 fn run(cfg: Config) -> Result<Results> {

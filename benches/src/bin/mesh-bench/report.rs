@@ -32,6 +32,14 @@ fn diff(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     Some(a? - b?)
 }
 
+/// A difference with its sign (+12, -3).
+fn signed(value: Option<f64>) -> String {
+    match value {
+        Some(v) if v.is_finite() && v >= 0.0 => format!("+{}", fmt(Some(v))),
+        other => fmt(other),
+    }
+}
+
 /// A count, as an integer with thousands separators.
 fn count(value: Option<f64>) -> String {
     match value {
@@ -103,8 +111,8 @@ pub fn headlines(r: &Results) -> Vec<(String, String)> {
         push(
             format!("added p99 at 1,000 req/s, {mode} mode"),
             format!(
-                "+{} µs",
-                fmt(diff(v(&format!("latency.1000rps.{mode}.p99")), plain_p99))
+                "{} µs",
+                signed(diff(v(&format!("latency.1000rps.{mode}.p99")), plain_p99))
             ),
         );
     }
@@ -265,26 +273,26 @@ pub fn section(r: &Results, images: &str) -> String {
          | figure | value |\n|---|---|\n\
          | CPU of both agents per new connection | {} µs |\n\
          | CPU of both agents per 1,000 req/s (1 KiB each way) | {} cores |\n\
-         | added new-connection cost p50 / p99 | +{} / +{} µs |\n\
+         | added new-connection cost p50 / p99 | {} / {} µs |\n\
          | connection rate / plaintext | {}x |\n\
          | iperf3 1 stream / 4 streams, / plaintext | {}x / {}x |\n\
-         | added p50 / p99 at 1,000 req/s | +{} / +{} µs |\n\
+         | added p50 / p99 at 1,000 req/s | {} / {} µs |\n\
          | RSS per agent with {} idle captured connections (client / server side) | {} / {} MiB ({} / {} KiB per connection) |\n",
         fmt(v("conn_rate.node.cpu_us_per_conn")),
         fmt(v("cpu.1000rps.node.cores_per_1k_rps")),
-        fmt(diff(v("conn_cost.node.p50"), v("conn_cost.plaintext.p50"))),
-        fmt(diff(v("conn_cost.node.p99"), v("conn_cost.plaintext.p99"))),
+        signed(diff(v("conn_cost.node.p50"), v("conn_cost.plaintext.p50"))),
+        signed(diff(v("conn_cost.node.p99"), v("conn_cost.plaintext.p99"))),
         fmt(ratio(
             v("conn_rate.node.per_s"),
             v("conn_rate.plaintext.per_s")
         )),
         fmt(ratio(v("iperf.1.node.gbps"), v("iperf.1.plaintext.gbps"))),
         fmt(ratio(v("iperf.4.node.gbps"), v("iperf.4.plaintext.gbps"))),
-        fmt(diff(
+        signed(diff(
             v("latency.1000rps.node.p50"),
             v("latency.1000rps.plaintext.p50")
         )),
-        fmt(diff(
+        signed(diff(
             v("latency.1000rps.node.p99"),
             v("latency.1000rps.plaintext.p99")
         )),
