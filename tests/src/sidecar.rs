@@ -32,6 +32,18 @@ impl Testbed {
         entries: &[WorkloadEntry],
         extra: &[&str],
     ) -> Result<Agent> {
+        self.start_sidecar_with(pod, entries, &[], extra)
+    }
+
+    /// Like [`start_sidecar`](Self::start_sidecar), with `init_args` for
+    /// `ambit sidecar-init` (e.g. `--proxy-uid`).
+    pub fn start_sidecar_with(
+        &self,
+        pod: &Pod,
+        entries: &[WorkloadEntry],
+        init_args: &[&str],
+        extra: &[&str],
+    ) -> Result<Agent> {
         let Some(ca) = self.ca.get() else {
             bail!(
                 "start the CA first (Testbed::start_ca or start_mesh): a sidecar gets its SVID from it"
@@ -42,7 +54,8 @@ impl Testbed {
             .find(|e| e.pod.name == pod.name)
             .context("the entries must list the sidecar's own pod")?;
         let binary = agent_binary()?;
-        let init = self.run(pod, &[binary.to_str().unwrap(), "sidecar-init"])?;
+        let init_cmd = [&[binary.to_str().unwrap(), "sidecar-init"], init_args].concat();
+        let init = self.run(pod, &init_cmd)?;
         ensure!(
             init.status.success(),
             "ambit sidecar-init in {}: {}",

@@ -33,15 +33,7 @@ fn failure_text(out: &Output) -> String {
 fn without_root_the_agent_names_the_missing_capabilities_and_the_fix() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let file = workloads_file(&dir)?;
-    let nobody = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ];
-    let err = failure_text(&ambit(&["run", "--workloads", &file], &nobody)?);
+    let err = failure_text(&ambit(&["run", "--workloads", &file], &NOBODY)?);
     for needle in [
         "CAP_BPF",
         "CAP_NET_ADMIN",
@@ -101,5 +93,59 @@ fn a_malformed_workloads_file_is_reported_with_its_line() -> Result<()> {
     )?);
     assert!(err.contains("invalid workloads file"), "{err}");
     assert!(err.contains("nmespace") && err.contains("line 4"), "{err}");
+    Ok(())
+}
+
+/// setpriv arguments that run a program as nobody without capabilities.
+const NOBODY: [&str; 6] = [
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+];
+
+#[test]
+fn sidecar_init_names_the_fix_when_nft_is_missing_or_refuses_the_rules() -> Result<()> {
+    let err = failure_text(&ambit(&["sidecar-init"], &["env", "PATH=/nonexistent"])?);
+    assert!(err.contains("`nft` is not on PATH"), "{err}");
+    assert!(err.contains("fix: install nftables"), "{err}");
+    // Without privileges (in the host's namespace, which it cannot change).
+    let err = failure_text(&ambit(&["sidecar-init"], &NOBODY)?);
+    assert!(err.contains("nft refused them"), "{err}");
+    assert!(
+        err.contains("fix: run `ambit sidecar-init` as root"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_sidecar_asks_only_for_what_it_needs_and_for_the_cluster_ca() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = workloads_file(&dir)?;
+    let base = ["sidecar", "--workloads", &file, "--workload", "default/s"];
+    let err = failure_text(&ambit(&base, &[])?);
+    assert!(err.contains("--ca-addr and --ca-bootstrap-dir"), "{err}");
+
+    let with_ca = [
+        &base[..],
+        &[
+            "--ca-addr",
+            "127.0.0.1:1",
+            "--ca-bootstrap-dir",
+            "/nonexistent",
+        ],
+    ]
+    .concat();
+    let err = failure_text(&ambit(&with_ca, &NOBODY)?);
+    assert!(err.contains("missing CAP_NET_ADMIN"), "{err}");
+    assert!(err.contains("--proxy-uid"), "{err}");
+    // No eBPF, so none of the node agent's other capabilities.
+    assert!(
+        !err.contains("CAP_BPF") && !err.contains("CAP_SYS_ADMIN"),
+        "{err}"
+    );
     Ok(())
 }

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use ambit_testbed::{Pod, Testbed, WorkloadEntry, agent::Agent, stderr, wait_until};
+use ambit_testbed::{
+    Pod, Testbed, WorkloadEntry, agent::Agent, link_capture::LinkCapture, stderr, wait_until,
+};
 use anyhow::{Result, ensure};
 use serde_json::Value;
 
@@ -23,6 +25,7 @@ struct Scene {
     b: Pod,
     /// Outside the mesh, node 1.
     c: Pod,
+    entries: Vec<WorkloadEntry>,
     sidecar: Agent,
     agent0: Agent,
     agent1: Agent,
@@ -40,7 +43,7 @@ fn scene(sidecar_args: &[&str], agent_args: &[&str]) -> Result<Scene> {
         tb.echo_server(pod, &format!("echo-{}", pod.name), ECHO)?;
     }
     tb.http_server(&c, "http-c", HTTP, "outside-the-mesh\n")?;
-    let entries = [
+    let entries = vec![
         WorkloadEntry::with_sidecar(&s).with_service_account("side"),
         WorkloadEntry::enrolled(&b),
         WorkloadEntry::opted_out(&c),
@@ -52,6 +55,7 @@ fn scene(sidecar_args: &[&str], agent_args: &[&str]) -> Result<Scene> {
         s,
         b,
         c,
+        entries,
         sidecar,
         agent0,
         agent1,
@@ -97,6 +101,35 @@ fn wait_decisions(agent: &Agent, direction: &str, n: usize) -> Result<Vec<Value>
     Ok(audit_decisions(agent, direction))
 }
 
+/// `count` outbound connections of `proxy` went through the tunnel to the
+/// identity of service account `peer`.
+fn assert_tunnelled(proxy: &Agent, count: usize, peer: &str) -> Result<()> {
+    let closed = proxy.wait_for_records("outbound connection closed", count, secs(10))?;
+    for record in &closed {
+        assert_eq!(record["mode"], "hbone", "{record}");
+        assert_eq!(
+            record["peer_spiffe_id"],
+            format!("{TD}/ns/default/sa/{peer}")
+        );
+    }
+    Ok(())
+}
+
+/// Stops `capture`: `marker` never crossed the link in clear, and no
+/// packet to or from the applications' ports did.
+fn assert_only_the_tunnel_crossed(tb: &Testbed, capture: &LinkCapture, marker: &str) -> Result<()> {
+    let pcap = capture.stop(tb)?;
+    assert!(
+        !pcap.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the marker crossed the link in clear"
+    );
+    assert_eq!(
+        capture.count(&format!("tcp.port == {ECHO} || tcp.port == {HTTP}"))?,
+        0
+    );
+    Ok(())
+}
+
 #[test]
 fn an_apps_connection_from_a_sidecar_pod_is_captured_and_tunnelled_to_a_node_mode_pod() -> Result<()>
 {
@@ -109,13 +142,7 @@ fn an_apps_connection_from_a_sidecar_pod_is_captured_and_tunnelled_to_a_node_mod
 
     // The sidecar captured both and sent them through the tunnel to b's
     // identity; b's agent saw the sidecar pod's identity.
-    let closed = sc
-        .sidecar
-        .wait_for_records("outbound connection closed", 2, secs(10))?;
-    for record in &closed {
-        assert_eq!(record["mode"], "hbone", "{record}");
-        assert_eq!(record["peer_spiffe_id"], format!("{TD}/ns/default/sa/b"));
-    }
+    assert_tunnelled(&sc.sidecar, 2, "b")?;
     let accepted = sc
         .agent1
         .wait_for_records("inbound connection accepted", 2, secs(10))?;
@@ -133,16 +160,8 @@ fn an_apps_connection_from_a_sidecar_pod_is_captured_and_tunnelled_to_a_node_mod
     }
 
     // Only TLS to the tunnel port crossed the link.
-    let pcap = capture.stop(&sc.tb)?;
-    assert!(
-        !pcap.windows(marker.len()).any(|w| w == marker.as_bytes()),
-        "the marker crossed the link in clear"
-    );
+    assert_only_the_tunnel_crossed(&sc.tb, &capture, marker)?;
     assert!(capture.count("tls.handshake.type == 1 && tcp.dstport == 15008")? >= 1);
-    assert_eq!(
-        capture.count(&format!("tcp.port == {ECHO} || tcp.port == {HTTP}"))?,
-        0
-    );
     // The node agent of node 0 never captured the sidecar pod.
     assert!(sc.agent0.records("workload enrolled").is_empty());
     Ok(())
@@ -159,13 +178,7 @@ fn a_node_mode_pod_reaches_a_sidecar_pod_through_the_tunnel_as_itself() -> Resul
 
     // b's agent tunnelled to the identity the directory gives the sidecar
     // pod; the sidecar verified b's and audited it like a node agent.
-    let closed = sc
-        .agent1
-        .wait_for_records("outbound connection closed", 2, secs(10))?;
-    for record in &closed {
-        assert_eq!(record["mode"], "hbone", "{record}");
-        assert_eq!(record["peer_spiffe_id"], format!("{TD}/ns/default/sa/side"));
-    }
+    assert_tunnelled(&sc.agent1, 2, "side")?;
     let decisions = wait_decisions(&sc.sidecar, "inbound", 2)?;
     for record in &decisions {
         assert_eq!(record["decision"], "allow");
@@ -181,15 +194,7 @@ fn a_node_mode_pod_reaches_a_sidecar_pod_through_the_tunnel_as_itself() -> Resul
         assert_eq!(record["tls_version"], "TLSv1_3");
         assert_eq!(record["node"], "node0");
     }
-    let pcap = capture.stop(&sc.tb)?;
-    assert!(
-        !pcap.windows(marker.len()).any(|w| w == marker.as_bytes()),
-        "the marker crossed the link in clear"
-    );
-    assert_eq!(
-        capture.count(&format!("tcp.port == {ECHO} || tcp.port == {HTTP}"))?,
-        0
-    );
+    assert_only_the_tunnel_crossed(&sc.tb, &capture, marker)?;
     Ok(())
 }
 
@@ -217,35 +222,37 @@ fn connections_to_outside_the_mesh_are_captured_and_passed_through() -> Result<(
 #[test]
 fn plaintext_to_a_sidecar_pod_from_outside_the_mesh_is_refused_and_audited() -> Result<()> {
     let sc = scene(&[], &[])?;
-    let (code, body) = sc.tb.curl(&sc.c, &url(&sc.s))?;
-    assert!(
-        (code == 7 || code == 56) && body.is_empty(),
-        "plaintext got an answer: {code} {body:?}"
-    );
+    let over_v6 = format!("http://[{}]:{HTTP}/index.txt", sc.s.ipv6);
+    for target in [url(&sc.s), over_v6] {
+        let (code, body) = sc.tb.curl(&sc.c, &target)?;
+        assert!(
+            (code == 7 || code == 56) && body.is_empty(),
+            "plaintext to {target} got an answer: {code} {body:?}"
+        );
+    }
     assert_eq!(
         served(&sc.tb, "http-s"),
         0,
         "plaintext reached the application"
     );
+    // The original destination, IPv4 and IPv6, is what the client dialled.
     let denied = sc
         .sidecar
-        .wait_for_records("inbound plaintext denied", 1, secs(10))?;
+        .wait_for_records("inbound plaintext denied", 2, secs(10))?;
     assert_eq!(denied[0]["dst"], format!("{}:{HTTP}", sc.s.ipv4));
-    let decisions = wait_decisions(&sc.sidecar, "inbound", 1)?;
-    assert_eq!(decisions[0]["decision"], "deny");
-    assert!(
-        decisions[0]["source"]["spiffe_id"].is_null(),
-        "{}",
-        decisions[0]
-    );
-    assert_eq!(decisions[0]["destination"]["port"], HTTP);
-    assert!(
-        decisions[0]["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("strict")),
-        "{}",
-        decisions[0]
-    );
+    assert_eq!(denied[1]["dst"], format!("[{}]:{HTTP}", sc.s.ipv6));
+    let decisions = wait_decisions(&sc.sidecar, "inbound", 2)?;
+    for decision in &decisions {
+        assert_eq!(decision["decision"], "deny");
+        assert!(decision["source"]["spiffe_id"].is_null(), "{decision}");
+        assert_eq!(decision["destination"]["port"], HTTP);
+        assert!(
+            decision["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("strict")),
+            "{decision}"
+        );
+    }
     // Through the mesh the same request is served.
     assert_eq!(sc.tb.curl(&sc.b, &url(&sc.s))?, (0, BODY_S.to_string()));
     Ok(())
@@ -300,7 +307,7 @@ fn default_deny_refuses_and_audits_in_both_modes_with_the_same_record_fields() -
 }
 
 #[test]
-fn with_the_sidecar_down_the_pod_fails_closed_both_ways() -> Result<()> {
+fn with_the_sidecar_down_the_pod_fails_closed_both_ways_until_it_is_back() -> Result<()> {
     let sc = scene(&[], &[])?;
     assert_eq!(sc.tb.curl(&sc.s, &url(&sc.b))?, (0, BODY_B.to_string()));
     sc.sidecar.stop_with(libc::SIGKILL)?;
@@ -328,6 +335,84 @@ fn with_the_sidecar_down_the_pod_fails_closed_both_ways() -> Result<()> {
     assert!(
         !capture.saw_in_clear(&sc.tb, marker)?,
         "the marker crossed in clear"
+    );
+
+    // A new sidecar (its init replacing the same rules) serves both ways again.
+    let _restarted = sc.tb.start_sidecar(&sc.s, &sc.entries, &[])?;
+    assert_eq!(sc.tb.curl(&sc.s, &url(&sc.b))?, (0, BODY_B.to_string()));
+    assert_eq!(sc.tb.curl(&sc.b, &url(&sc.s))?, (0, BODY_S.to_string()));
+    Ok(())
+}
+
+#[test]
+fn two_sidecar_pods_on_different_nodes_talk_through_the_tunnel() -> Result<()> {
+    let mut tb = Testbed::new(2)?;
+    let s = tb.add_pod(0, "s")?;
+    let t = tb.add_pod(1, "t")?;
+    tb.echo_server(&t, "echo-t", ECHO)?;
+    let entries = [
+        WorkloadEntry::with_sidecar(&s),
+        WorkloadEntry::with_sidecar(&t),
+    ];
+    let _ca = tb.start_ca(&entries, 3600)?;
+    let sidecar_s = tb.start_sidecar(&s, &entries, &[])?;
+    let sidecar_t = tb.start_sidecar(&t, &entries, &[])?;
+    let capture = tb.capture_link("link")?;
+    let marker = "sidecar-to-sidecar-marker-3f81";
+    assert_eq!(echo(&tb, &s, &t, marker)?, marker);
+    let closed = sidecar_s.wait_for_records("outbound connection closed", 1, secs(10))?;
+    assert_eq!(closed[0]["peer_spiffe_id"], format!("{TD}/ns/default/sa/t"));
+    let decisions = wait_decisions(&sidecar_t, "inbound", 1)?;
+    assert_eq!(
+        decisions[0]["source"]["spiffe_id"],
+        format!("{TD}/ns/default/sa/s")
+    );
+    assert!(
+        !capture.saw_in_clear(&tb, marker)?,
+        "the marker crossed in clear"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_sidecar_exempted_by_uid_marks_nothing_and_still_captures_the_app() -> Result<()> {
+    let mut tb = Testbed::new(2)?;
+    let s = tb.add_pod(0, "s")?;
+    let b = tb.add_pod(1, "b")?;
+    tb.http_server(&b, "http-b", HTTP, BODY_B)?;
+    let entries = [WorkloadEntry::with_sidecar(&s), WorkloadEntry::enrolled(&b)];
+    let (_ca, _agent0, agent1) = tb.start_mesh(&entries, 3600, [&[], &[]])?;
+    // The sidecar runs as root (uid 0) and is exempt by that uid alone;
+    // the application runs as nobody.
+    let sidecar =
+        tb.start_sidecar_with(&s, &entries, &["--proxy-uid", "0"], &["--socket-mark", "0"])?;
+    let rules = tb.run(&s, &["nft", "list", "table", "inet", "ambit_sidecar"])?;
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.contains("meta skuid 0 return") && !rules.contains("meta mark"),
+        "{rules}"
+    );
+    let out = tb.run(
+        &s,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &url(&b),
+        ],
+    )?;
+    ensure!(out.status.success(), "curl as nobody: {}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), BODY_B);
+    assert_tunnelled(&sidecar, 1, "b")?;
+    let decisions = wait_decisions(&agent1, "inbound", 1)?;
+    assert_eq!(
+        decisions[0]["source"]["spiffe_id"],
+        format!("{TD}/ns/default/sa/s")
     );
     Ok(())
 }

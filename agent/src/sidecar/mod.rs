@@ -69,6 +69,7 @@ pub async fn run(config: SidecarConfig) -> Result<()> {
         (mark != 0).then_some(mark),
     )
     .await?;
+    runtime.publish_directory(&initial);
     let mut served = Served::start(&runtime, own)?;
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
