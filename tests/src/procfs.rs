@@ -61,3 +61,26 @@ impl std::fmt::Display for Usage {
         write!(f, "{} fds, {mib}.{tenths} MiB RSS", self.fds)
     }
 }
+
+/// CPU time `pid` has used so far (user + system, all its threads), in
+/// seconds, from /proc/PID/stat.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name may hold spaces and parentheses: fields start after
+    // the last ')'. utime and stime are fields 14 and 15 (1-based).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|v| v as f64)
+            .with_context(|| format!("no field {} in /proc/{pid}/stat", i + 3))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / per_second)
+}

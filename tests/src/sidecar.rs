@@ -115,3 +115,15 @@ impl Testbed {
         })
     }
 }
+
+impl Agent {
+    /// Rewrites a sidecar's workloads file with `entries` (it reloads it),
+    /// as when pods join the mesh after it started.
+    pub fn rewrite_sidecar_workloads(&self, entries: &[WorkloadEntry]) -> Result<()> {
+        let pod = self.pod.as_ref().context("not a sidecar")?;
+        write_atomically(
+            &self.workloads_file,
+            &workloads_doc(&format!("node{}", pod.node), entries),
+        )
+    }
+}

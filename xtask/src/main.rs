@@ -30,10 +30,23 @@ enum Task {
     },
     /// Run the demo: a simulated node with pods, an agent, and real clients.
     Demo,
-    /// Run the benchmarks with release builds: the mesh benchmark (plain vs
-    /// captured traffic), CNI ADD latency over 100 pods (cni-bench), and the
+    /// Run the benchmarks with release builds: the mesh benchmark
+    /// (plaintext vs node mode vs sidecar mode; results.json, plots and the
+    /// report in docs/), CNI ADD latency over 100 pods (cni-bench), and the
     /// agent's footprint against cluster size (kube-scale).
-    Bench,
+    Bench {
+        /// A short smoke run of the mesh benchmark only, written to --out
+        /// (a temp dir by default), never to docs/.
+        #[arg(long)]
+        quick: bool,
+        /// Where the mesh benchmark writes results.json and the plots.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Print the ratios new/old of every figure against an earlier
+        /// results.json.
+        #[arg(long)]
+        compare: Option<std::path::PathBuf>,
+    },
     /// Render deploy/manifests/ambit.yaml from the Helm chart in deploy/chart.
     RenderManifests,
     /// Lint and validate the Helm chart offline (part of `test`).
@@ -45,7 +58,11 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test { args } => test(&args),
         Task::Demo => run_with_release_agent("ambit-testbed", "ambit-demo"),
-        Task::Bench => bench(),
+        Task::Bench {
+            quick,
+            out,
+            compare,
+        } => bench(quick, out, compare),
         Task::RenderManifests => deploy::render_manifests(),
         Task::CheckDeploy => deploy::check(),
     }
@@ -88,8 +105,12 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 /// The benchmark binaries, each against release builds of the agent and
-/// the CNI plugin.
-fn bench() -> Result<()> {
+/// the CNI plugin; a quick run is the mesh benchmark's smoke run only.
+fn bench(
+    quick: bool,
+    out: Option<std::path::PathBuf>,
+    compare: Option<std::path::PathBuf>,
+) -> Result<()> {
     setup::run()?;
     exec(cargo().args([
         "build",
@@ -99,7 +120,7 @@ fn bench() -> Result<()> {
         "--package",
         "ambit-cni",
     ]))?;
-    for bin in ["mesh-bench", "cni-bench", "kube-scale"] {
+    let run = |bin: &str, args: &[std::ffi::OsString]| {
         exec(
             cargo()
                 .args([
@@ -109,10 +130,30 @@ fn bench() -> Result<()> {
                     "ambit-benches",
                     "--bin",
                     bin,
+                    "--",
                 ])
+                .args(args)
                 .env("AMBIT_BIN", "target/release/ambit")
                 .env("AMBIT_CNI_BIN", "target/release/ambit-cni"),
-        )?;
+        )
+    };
+    let mut args = Vec::new();
+    if quick {
+        args.push("--quick".into());
+    }
+    if let Some(out) = out {
+        args.extend(["--out".into(), out.into_os_string()]);
+    }
+    if let Some(old) = compare {
+        // Relative to where xtask was started, not to mesh-bench's cwd.
+        let old = std::path::absolute(&old).unwrap_or(old);
+        args.extend(["--compare".into(), old.into_os_string()]);
+    }
+    run("mesh-bench", &args)?;
+    if !quick {
+        for bin in ["cni-bench", "kube-scale"] {
+            run(bin, &[])?;
+        }
     }
     Ok(())
 }
