@@ -191,7 +191,7 @@ struct ProxyArgs {
     tunnel_idle_timeout_ms: u64,
     /// Tunnel connections per source identity and peer; past it, new
     /// connections wait for a free stream.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
     tunnel_max_connections_per_peer: u64,
     /// Tunnel connections per source identity and peer opened as soon as
     /// every one carries a stream, so concurrent streams use separate cores

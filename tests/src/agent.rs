@@ -247,6 +247,10 @@ impl Testbed {
             // Kept across restarts of the CA, as a Secret would be.
             "--root-dir".into(),
             self.dir.path().join("ca-root").display().to_string(),
+            // Re-read the directory as often as the agents re-read their
+            // workloads, or a pod's first SVID request races the CA's view.
+            "--reload-interval-ms".into(),
+            "100".into(),
         ];
         let daemon = self.launch_daemon(&node, "ca", &args, None)?;
         wait_until(Duration::from_secs(30), || {

@@ -39,7 +39,7 @@ impl Default for TunnelConfig {
             ping_interval: Duration::from_secs(20),
             ping_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
-            max_connections_per_peer: 8,
+            max_connections_per_peer: 16,
             parallel_connections_per_peer: 1,
         }
     }

@@ -111,7 +111,17 @@ impl Bench {
             tb.wait_for_listener(&lane.server, IPERF_PORT)?;
         }
         let ca = tb.start_ca(&entries, 3600)?;
-        let agents = [tb.start_agent(0, &entries)?, tb.start_agent(1, &entries)?];
+        // The default connection cap, (RLIMIT_NOFILE - 1,024) / 2, assumes
+        // two descriptors per connection (a passthrough); a tunnelled one
+        // holds one per agent, so the idle-connection phase can hold 10,000
+        // under this machine's hard limit of 20,000.
+        let agent_args = ["--max-connections", "16000"];
+        tb.write_workloads(0, &entries)?;
+        tb.write_workloads(1, &entries)?;
+        let agents = [
+            tb.start_agent_with(0, &agent_args)?,
+            tb.start_agent_with(1, &agent_args)?,
+        ];
         let mut bench = Self {
             tb,
             me,

@@ -120,10 +120,7 @@ impl Config {
                 scale_steps: vec![10, 50, 100],
                 scale_requests: 4000,
                 churn_cycles: 1000,
-                // 10,000 where the agents' RLIMIT_NOFILE allows it: with a
-                // hard limit of 20,000 (this machine, no CAP_SYS_RESOURCE)
-                // an agent admits (20,000 - 1,024) / 2 = 9,488 connections.
-                idle_connections: 9_000,
+                idle_connections: 10_000,
             }
         }
     }
