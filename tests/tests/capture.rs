@@ -288,7 +288,8 @@ fn a_killed_agent_fails_closed_and_a_restarted_one_takes_over() -> Result<()> {
             .len(),
         5
     );
-    assert_eq!(restarted.records("outbound connection captured").len(), 1);
+    let captured = restarted.wait_for_records("outbound connection captured", 1, secs(10))?;
+    assert_eq!(captured.len(), 1, "{captured:?}");
     Ok(())
 }
 

@@ -4,10 +4,11 @@
 //! A direct `write(2)` per line, or a channel whose receiver is woken per
 //! line, each put a syscall or a context switch on the data path for every
 //! connection's log lines. Here a line is appended to a shared buffer; the
-//! writer thread is woken only by the first line after it went idle, then
-//! lets lines gather for [`BATCH_INTERVAL`] and writes them with one call.
-//! A line waits at most about that long. Nothing is dropped: past
-//! [`MAX_PENDING`] the logging thread writes the batch itself.
+//! writer thread is woken only by the first line after it went idle and
+//! writes it at once, then sleeps [`BATCH_INTERVAL`] while lines gather and
+//! writes them with one call. A line waits at most about that long. Nothing
+//! is dropped: past [`MAX_PENDING`] the logging thread writes the batch
+//! itself.
 
 use std::{
     io::{self, Write},
@@ -18,7 +19,7 @@ use std::{
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// How long lines gather once the first one of a burst arrived.
+/// How long lines gather after a write while they keep coming.
 const BATCH_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Bytes held before a logging thread writes them itself (back pressure
@@ -97,7 +98,7 @@ impl<W: Write + Send + 'static> BatchedWriter<W> {
 
 fn run<W: Write>(shared: &Shared<W>) {
     loop {
-        let closed = {
+        {
             let mut pending = lock(&shared.pending);
             while pending.lines.is_empty() && !pending.closed {
                 pending.idle = true;
@@ -106,15 +107,16 @@ fn run<W: Write>(shared: &Shared<W>) {
                     .wait(pending)
                     .unwrap_or_else(PoisonError::into_inner);
             }
-            pending.closed
-        };
-        if !closed {
-            std::thread::sleep(BATCH_INTERVAL);
         }
+        // The first line of a burst goes out at once; what follows gathers
+        // while this thread sleeps (no one wakes it) and goes out in one
+        // write.
         shared.write_batch();
-        if closed && lock(&shared.pending).lines.is_empty() {
+        if lock(&shared.pending).closed {
+            shared.write_batch();
             return;
         }
+        std::thread::sleep(BATCH_INTERVAL);
     }
 }
 
@@ -130,7 +132,9 @@ impl<W: Write + Send + 'static> Drop for BatchedWriterGuard<W> {
     }
 }
 
-/// One event's writer: appends to the shared batch.
+/// One event's writer: appends to the shared batch. Each `write` is kept
+/// whole, so an event written in one call (tracing-subscriber formats
+/// events into a buffer and writes it once) is never interleaved.
 pub struct LineWriter<'a, W> {
     shared: &'a Shared<W>,
 }
@@ -198,7 +202,10 @@ mod tests {
                 };
                 std::thread::spawn(move || {
                     for i in 0..500 {
-                        writeln!(writer.make_writer(), "t{t} line {i}").unwrap();
+                        // One write per event, as tracing-subscriber's fmt
+                        // layer does (it formats into a buffer first).
+                        let line = format!("t{t} line {i}\n");
+                        writer.make_writer().write_all(line.as_bytes()).unwrap();
                     }
                 })
             })
