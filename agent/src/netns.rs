@@ -117,11 +117,6 @@ impl Netns {
         Ok(f())
     }
 
-    /// [`run_blocking`](Self::run_blocking), for async callers.
-    pub async fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        self.run_blocking(f)
-    }
-
     /// A listening TCP socket bound to `addr` inside the namespace. `[::]`
     /// listens on both IPv6 and IPv4; any other IPv6 address on IPv6 only.
     pub fn listen(&self, addr: SocketAddr, mark: u32) -> Result<std::net::TcpListener> {

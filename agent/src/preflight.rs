@@ -11,11 +11,14 @@ use thiserror::Error;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// CAP_NET_ADMIN's bit number (linux/capability.h).
+pub(crate) const CAP_NET_ADMIN: u32 = 12;
+
 /// The capabilities the agent needs, by bit number (linux/capability.h).
 const REQUIRED_CAPS: &[(u32, &str, &str)] = &[
     (39, "CAP_BPF", "load eBPF programs and maps"),
     (
-        12,
+        CAP_NET_ADMIN,
         "CAP_NET_ADMIN",
         "mark sockets and attach network programs",
     ),

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use tokio::{signal::unix::SignalKind, sync::watch};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::{
     agent_state::lock,
@@ -40,9 +41,6 @@ pub struct SidecarConfig {
     /// requested with); `None`: the workloads file's `node`.
     pub node_name: Option<String>,
 }
-
-/// CAP_NET_ADMIN (linux/capability.h): needed to set SO_MARK.
-const CAP_NET_ADMIN: u32 = 12;
 
 /// Runs the sidecar until SIGTERM or SIGINT.
 pub async fn run(config: SidecarConfig) -> Result<()> {
@@ -111,15 +109,7 @@ struct Served {
     spec: Workload,
     identity: SpiffeId,
     handle: PodHandle,
-    _tasks: Vec<AbortOnDrop>,
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    _tasks: Vec<AbortOnDropHandle<()>>,
 }
 
 impl Served {
@@ -139,7 +129,7 @@ impl Served {
             spec,
             identity,
             handle,
-            _tasks: tasks.into_iter().map(AbortOnDrop).collect(),
+            _tasks: tasks.into_iter().map(AbortOnDropHandle::new).collect(),
         })
     }
 
@@ -210,7 +200,7 @@ fn check_can_mark(mark: u32) -> Result<()> {
         return Ok(());
     }
     let effective = crate::preflight::effective_capabilities()?;
-    if effective & (1u64 << CAP_NET_ADMIN) == 0 {
+    if effective & (1u64 << crate::preflight::CAP_NET_ADMIN) == 0 {
         bail!(
             "missing CAP_NET_ADMIN: the sidecar marks its own sockets (--socket-mark {mark:#x}) \
              so its nftables rules let them out unredirected.\n\
