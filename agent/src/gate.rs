@@ -8,10 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    sync::watch,
-};
+use tokio::sync::watch;
 
 use crate::{
     audit::{self, AuditLog, AuditRecord, Event},
@@ -19,7 +16,7 @@ use crate::{
     metrics::{ActiveConnection, HandshakeFailure, Metrics},
     pod::PodContext,
     policy::{Decision, Engine, PolicySet, Request},
-    proxy::relay::{RelayStats, relay},
+    proxy::relay::RelayStats,
     workloads::Workload,
 };
 
@@ -177,17 +174,12 @@ impl Gate {
     /// allows it, or the pod is released; counts it as active meanwhile,
     /// and records its close. Returns the relay's outcome and the reason
     /// it ended.
-    pub async fn relay<A, B>(
+    pub async fn relay(
         &self,
         conn: &Connection,
         pod: &PodContext,
-        downstream: &mut A,
-        upstream: &mut B,
-    ) -> (RelayStats, std::io::Result<()>, String)
-    where
-        A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-        B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    {
+        relaying: impl Future<Output = (RelayStats, std::io::Result<()>)>,
+    ) -> (RelayStats, std::io::Result<()>, String) {
         let _active: ActiveConnection = self.metrics.connection_active(conn.direction);
         // Biased: when the pod is released, its tunnel connections are torn
         // down too, and the relay's resulting error must not hide why.
@@ -203,7 +195,7 @@ impl Gate {
                 Ok(()),
                 format!("closed: the policy no longer allows it ({})", revoked.reason),
             ),
-            (stats, result) = relay(downstream, upstream) => (stats, result, "closed".to_owned()),
+            (stats, result) = relaying => (stats, result, "closed".to_owned()),
         };
         self.closed(conn, &stats, &reason);
         (stats, result, reason)

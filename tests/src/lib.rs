@@ -273,7 +273,8 @@ impl Testbed {
         Ok(pod)
     }
 
-    fn sysctl(&self, host: &dyn Host, key: &str, value: &str) -> Result<()> {
+    /// Sets `key` in `host`'s network namespace (or on the host itself).
+    pub fn sysctl(&self, host: &dyn Host, key: &str, value: &str) -> Result<()> {
         let out = self.run(host, &["sysctl", "-q", "-w", &format!("{key}={value}")])?;
         if !out.status.success() {
             bail!("sysctl {key} in {}: {}", host.label(), stderr(&out));

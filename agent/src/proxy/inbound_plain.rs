@@ -18,6 +18,7 @@ use super::{
     limits::ConnectionPermit,
     loop_guard,
     probe::{self, PROBE_REASON},
+    relay::relay,
 };
 use crate::{
     audit,
@@ -127,7 +128,7 @@ async fn handle(
     }
     let (stats, result, reason) = ctx
         .gate
-        .relay(&conn, pod, &mut downstream, &mut upstream)
+        .relay(&conn, pod, relay(&mut downstream, &mut upstream))
         .await;
     tracing::info!(workload = %pod.id, src = %peer, %dst, reason,
         bytes_sent = stats.sent, bytes_received = stats.received,

@@ -15,6 +15,7 @@ use super::{
     interception::Interception,
     limits::{ConnectionPermit, HandshakePermit},
     loop_guard,
+    tunnel_relay::{Initiator, relay_tunnel},
     tunnel_socket::set_liveness_options,
 };
 use crate::{
@@ -25,7 +26,7 @@ use crate::{
     },
     metrics::HandshakeFailure,
     pod::PodContext,
-    tunnel::{self, InboundRequest, TunnelConfig, TunnelError},
+    tunnel::{self, InboundRequest, ReadAhead, TunnelConfig, TunnelError},
 };
 
 pub struct TunnelContext {
@@ -89,7 +90,7 @@ async fn handle_connection(
         tracing::debug!(workload = %ctx.pod.id, src = %addr, error = %e, "tunnel socket options not set");
     }
     let local = tcp.local_addr().map(unmapped).unwrap_or(addr);
-    let accept = TlsAcceptor::from(config).accept(tcp);
+    let accept = TlsAcceptor::from(config).accept(ReadAhead::new(tcp));
     let handshaken = tokio::time::timeout(ctx.tunnel.handshake_timeout, accept).await;
     drop(handshake);
     let tls = match handshaken {
@@ -244,7 +245,8 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
     tracing::info!(workload = %pod.id, src = %peer.addr, peer_spiffe_id = %peer.spiffe_id,
         peer_cert_serial = %peer.serial, %dst, policy = decision.policy.as_deref(),
         "inbound connection accepted");
-    let (stats, result, reason) = ctx.gate.relay(&conn, pod, &mut stream, &mut upstream).await;
+    let relaying = relay_tunnel(&mut upstream, &mut stream, Initiator::Tunnel);
+    let (stats, result, reason) = ctx.gate.relay(&conn, pod, relaying).await;
     tracing::info!(
         workload = %pod.id,
         peer_spiffe_id = %peer.spiffe_id,

@@ -18,6 +18,7 @@ pub mod outbound;
 pub mod probe;
 pub mod relay;
 pub mod service_route;
+pub mod tunnel_relay;
 pub mod tunnel_socket;
 
 /// Accepts on `listener` until the task is aborted (the pod is unenrolled

@@ -20,6 +20,7 @@ use super::{
     limits::ConnectionPermit,
     relay::{RelayStats, relay},
     service_route::{ServiceAudit, route},
+    tunnel_relay::{Initiator, relay_tunnel},
     tunnel_socket::set_liveness_options,
 };
 use crate::{
@@ -27,7 +28,7 @@ use crate::{
     identity::{client_config, handshake_failure_reason},
     mesh::{Mesh, TunnelKey},
     pod::{PodContext, PodState},
-    tunnel::{HboneClient, TunnelError, TunnelLease},
+    tunnel::{HboneClient, ReadAhead, TunnelError, TunnelLease},
     workloads::directory::Destination,
 };
 
@@ -195,7 +196,7 @@ async fn via_tunnel(
             return Ended::Failed(format!("refused by the peer: {e}"));
         }
     };
-    let (stats, result) = relay(&mut downstream, &mut stream).await;
+    let (stats, result) = relay_tunnel(&mut downstream, &mut stream, Initiator::Socket).await;
     Ended::Relayed { stats, result }
 }
 
@@ -262,7 +263,8 @@ async fn tunnel_to(
         set_liveness_options(&tcp, &tunnel)?;
         let tls = tokio::time::timeout(
             tunnel.handshake_timeout,
-            TlsConnector::from(Arc::new(config)).connect(ServerName::from(peer_addr.ip()), tcp),
+            TlsConnector::from(Arc::new(config))
+                .connect(ServerName::from(peer_addr.ip()), ReadAhead::new(tcp)),
         )
         .await
         .map_err(|_| {

@@ -29,6 +29,7 @@ mod client;
 mod config;
 mod liveness;
 mod pool;
+mod read_ahead;
 mod server;
 mod settings;
 mod stream;
@@ -37,7 +38,7 @@ mod usage;
 #[cfg(test)]
 mod liveness_tests;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 #[cfg(test)]
 mod tests;
 
@@ -48,6 +49,7 @@ use http::StatusCode;
 pub use client::{CloseReason, HboneClient};
 pub use config::TunnelConfig;
 pub use pool::{PoolObserver, TunnelLease, TunnelPool};
+pub use read_ahead::ReadAhead;
 pub use server::{InboundRequest, serve};
 pub use stream::HboneStream;
 

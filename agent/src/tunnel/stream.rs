@@ -8,7 +8,7 @@ use std::{
 
 use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use super::usage::StreamPermit;
 
@@ -87,27 +87,88 @@ impl fmt::Debug for HboneStream {
 
 impl AsyncRead for HboneStream {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let data = ready!(self.as_mut().poll_fill_buf(cx))?;
+        let n = buf.remaining().min(data.len());
+        buf.put_slice(&data[..n]);
+        self.consume(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Lends received data as h2 holds it, so a relay writes it to its socket
+/// without copying it first.
+impl AsyncBufRead for HboneStream {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
         let this = self.get_mut();
         while this.unread.is_empty() {
             match ready!(this.recv.poll_data(cx)) {
                 // END_STREAM: EOF.
-                None => return Poll::Ready(Ok(())),
+                None => return Poll::Ready(Ok(&[])),
                 Some(Ok(data)) => this.unread = data,
-                Some(Err(e)) => return Poll::Ready(read_error(e)),
+                Some(Err(e)) => return Poll::Ready(read_error(e).map(|()| &[][..])),
             }
         }
-        let n = buf.remaining().min(this.unread.len());
-        buf.put_slice(&this.unread[..n]);
-        this.unread.advance(n);
+        Poll::Ready(Ok(&this.unread))
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        let this = self.get_mut();
+        this.unread.advance(amt);
         // Give the window back only for what the caller consumed. This can
         // fail only if the stream is already gone, which the next read
         // reports, so the data in hand is still delivered.
-        let _ = this.recv.flow_control().release_capacity(n);
-        Poll::Ready(Ok(()))
+        let _ = this.recv.flow_control().release_capacity(amt);
+    }
+}
+
+impl HboneStream {
+    /// Hands h2 as much of `data` as the send window allows (at least one
+    /// byte, waiting for window if there is none), without copying it.
+    /// Returns how much was taken; `data` keeps the rest.
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<usize>> {
+        let n = ready!(self.poll_send_capacity(cx, data.len()))?;
+        Poll::Ready(self.send_now(cx, data.split_to(n)))
+    }
+
+    /// Queues `chunk`, for which send window is already held.
+    fn send_now(&mut self, cx: &mut Context<'_>, chunk: Bytes) -> io::Result<usize> {
+        let n = chunk.len();
+        match self.send.send_data(chunk, false) {
+            Ok(()) => Ok(n),
+            Err(_) => Err(self.send_closed_error(cx)),
+        }
+    }
+
+    /// Waits for send window for up to `len` bytes (`len` > 0) and returns
+    /// how many bytes may be sent now.
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after HBONE stream shutdown",
+            )));
+        }
+        let want = len.min(MAX_WRITE);
+        // Ask for exactly this write's window (h2 counts data it already
+        // buffers on top), so h2 never holds more than the peer allowed.
+        self.send.reserve_capacity(want);
+        loop {
+            // Capacity already assigned is used directly: `poll_capacity`
+            // only reports increases and could wait on capacity we hold.
+            let capacity = self.send.capacity();
+            if capacity > 0 {
+                return Poll::Ready(Ok(capacity.min(want)));
+            }
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(write_error(e))),
+                None => return Poll::Ready(Err(self.send_closed_error(cx))),
+            }
+        }
     }
 }
 
@@ -117,38 +178,13 @@ impl AsyncWrite for HboneStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.write_closed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after HBONE stream shutdown",
-            )));
-        }
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let want = buf.len().min(MAX_WRITE);
-        // Ask for exactly this write's window (h2 counts data it already
-        // buffers on top), so h2 never holds more than the peer allowed.
-        this.send.reserve_capacity(want);
-        loop {
-            // Capacity already assigned is used directly: `poll_capacity`
-            // only reports increases and could wait on capacity we hold.
-            let capacity = this.send.capacity();
-            if capacity > 0 {
-                let n = capacity.min(want);
-                let data = Bytes::copy_from_slice(&buf[..n]);
-                return Poll::Ready(match this.send.send_data(data, false) {
-                    Ok(()) => Ok(n),
-                    Err(_) => Err(this.send_closed_error(cx)),
-                });
-            }
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Poll::Ready(Err(write_error(e))),
-                None => return Poll::Ready(Err(this.send_closed_error(cx))),
-            }
-        }
+        let this = self.get_mut();
+        let n = ready!(this.poll_send_capacity(cx, buf.len()))?;
+        // A borrowed slice must be copied; a relay uses `poll_send` instead.
+        Poll::Ready(this.send_now(cx, Bytes::copy_from_slice(&buf[..n])))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

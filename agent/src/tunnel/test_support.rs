@@ -17,7 +17,7 @@ pub(super) const PEER: &str = "test-peer";
 const PIPE_BUFFER: usize = 64 * 1024;
 
 /// Fails the test instead of hanging it.
-pub(super) async fn within<T>(fut: impl Future<Output = T>) -> T {
+pub(crate) async fn within<T>(fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(20), fut)
         .await
         .expect("test timed out")
@@ -56,7 +56,7 @@ where
 }
 
 /// A client connected to a server running `handler`.
-pub(super) async fn connected<H, Fut>(
+pub(crate) async fn connected<H, Fut>(
     handler: H,
 ) -> (HboneClient, JoinHandle<Result<(), TunnelError>>)
 where
@@ -89,7 +89,7 @@ pub(super) async fn echo(request: InboundRequest) {
 
 /// Deterministic bytes that differ per `seed`, so swapped or shifted data
 /// is caught.
-pub(super) fn pattern(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {

@@ -53,6 +53,14 @@ struct Cli {
     /// Print the ratios of this run's figures to those of an earlier run.
     #[arg(long)]
     compare: Option<PathBuf>,
+    /// Only the interleaved rounds (latency, throughput, connections), no
+    /// churn, scale or idle phase, and nothing published but results.json:
+    /// for A/B runs of two agent builds (AMBIT_BIN), alternated.
+    #[arg(long)]
+    data_path_only: bool,
+    /// Rounds to take medians over (default: 1 with --quick, else 3).
+    #[arg(long)]
+    rounds: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -90,10 +98,14 @@ fn main() -> Result<()> {
             .keep(),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let results = run(Config::new(cli.quick))?;
+    let mut cfg = Config::new(cli.quick);
+    cfg.rounds = cli.rounds.unwrap_or(cfg.rounds);
+    let results = run(cfg, cli.data_path_only)?;
     let json = out.join("results.json");
     results.write(&json)?;
-    publish(&results, &out, &docs)?;
+    if !cli.data_path_only {
+        publish(&results, &out, &docs)?;
+    }
     println!("\nmesh-bench: results in {}", out.display());
     for (what, value) in report::headlines(&results) {
         println!("  {what}: {value}");
@@ -134,7 +146,7 @@ fn publish(results: &Results, out: &Path, docs: &Path) -> Result<()> {
     }
 }
 
-fn run(cfg: Config) -> Result<Results> {
+fn run(cfg: Config, data_path_only: bool) -> Result<Results> {
     let modes = MODES.to_vec();
     let machine = Machine::this();
     println!(
@@ -159,14 +171,17 @@ fn run(cfg: Config) -> Result<Results> {
             rounds::round(&bench, mode, &rates, &cfg, &mut rec)?;
         }
     }
-    println!("churn");
-    let churn_samples = churn::run(&mut bench, &cfg, &mut rec)?;
-    println!("scale");
-    scale::run(&mut bench, &modes, &cfg, &mut rec)?;
-    // Last: the agents keep much of what thousands of connections made
-    // resident, which would skew the churn baseline and the scale memory.
-    println!("idle connections");
-    idle::run(&bench, &cfg, &mut rec)?;
+    let mut churn_samples = Vec::new();
+    if !data_path_only {
+        println!("churn");
+        churn_samples = churn::run(&mut bench, &cfg, &mut rec)?;
+        println!("scale");
+        scale::run(&mut bench, &modes, &cfg, &mut rec)?;
+        // Last: the agents keep much of what thousands of connections made
+        // resident, which would skew the churn baseline and the scale memory.
+        println!("idle connections");
+        idle::run(&bench, &cfg, &mut rec)?;
+    }
     Ok(Results {
         machine,
         config: cfg,

@@ -89,6 +89,11 @@ impl Bench {
         let mut lanes = Vec::new();
         for &mode in modes {
             let client = tb.add_pod(0, &format!("client-{}", mode.key()))?;
+            // Connection-rate rounds open tens of thousands of connections
+            // to one address and port; without reuse of TIME_WAIT ports the
+            // client's ephemeral ports run out and connect() itself slows,
+            // which would measure the port search rather than the data path.
+            tb.sysctl(&client, "net.ipv4.tcp_tw_reuse", "1")?;
             let server = tb.add_pod(1, &format!("server-{}", mode.key()))?;
             lanes.push(Lane {
                 mode,
