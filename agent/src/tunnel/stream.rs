@@ -12,9 +12,9 @@ use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use super::usage::StreamPermit;
 
-/// Largest chunk one `poll_write` hands to h2. Bounds the copy into a
-/// `Bytes` and keeps one stream from claiming the whole connection window
-/// in a single reservation.
+/// Largest chunk one `poll_write` or `poll_send` hands to h2. Bounds
+/// `poll_write`'s copy into a `Bytes` and keeps one stream from claiming
+/// the whole connection window in a single reservation.
 const MAX_WRITE: usize = 64 * 1024;
 
 /// An accepted HBONE stream, usable wherever a TCP stream is (for example
