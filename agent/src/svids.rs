@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use tokio::{sync::watch, task::AbortHandle};
 
 use crate::{
-    ca_service::CaClient,
+    ca_service::{CaClient, CaClientError},
     identity::{CertificateAuthority, SpiffeId, Svid, TrustBundles},
 };
 
@@ -44,11 +44,38 @@ impl IdentitySource {
         }
     }
 
-    async fn fetch(&self, id: &SpiffeId) -> Result<Svid> {
+    async fn fetch(&self, id: &SpiffeId) -> Result<Svid, FetchError> {
         match self {
-            Self::Embedded { ca, ttl } => Ok(ca.issue_svid(id, *ttl)?),
-            Self::Remote(client) => Ok(client.request_svid(id, None).await?),
+            Self::Embedded { ca, ttl } => ca
+                .issue_svid(id, *ttl)
+                .map_err(|e| FetchError::Unreachable(e.into())),
+            Self::Remote(client) => client.request_svid(id, None).await.map_err(|e| match e {
+                CaClientError::Refused(_) => FetchError::Refused(e),
+                other => FetchError::Unreachable(other.into()),
+            }),
         }
+    }
+}
+
+/// Why a fetch failed, as far as the retry schedule cares.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    /// The CA answered and said no.
+    #[error(transparent)]
+    Refused(CaClientError),
+    /// No answer: the CA is unreachable, slow or broken (or the embedded CA failed).
+    #[error(transparent)]
+    Unreachable(anyhow::Error),
+}
+
+impl FetchError {
+    /// The retry delay after `previous`, before jitter.
+    fn next_retry(&self, previous: Duration) -> Duration {
+        let cap = match self {
+            Self::Refused(_) => RETRY_MAX_REFUSED,
+            Self::Unreachable(_) => RETRY_MAX_UNREACHABLE,
+        };
+        (previous * 2).min(cap)
     }
 }
 
@@ -77,9 +104,16 @@ impl Drop for Held {
     }
 }
 
-/// Retry delays after a failed fetch, capped.
+/// Retry delays after a failed fetch, doubling up to a cap.
 const RETRY_MIN: Duration = Duration::from_millis(200);
-const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Cap while the CA cannot be reached: it may be down or overloaded, and
+/// every agent of the cluster is retrying.
+const RETRY_MAX_UNREACHABLE: Duration = Duration::from_secs(10);
+/// Cap while the CA answers with a refusal. At pod start that is the usual
+/// case for a moment (the CA's pod cache has not yet seen the pod the
+/// agent's has), and the pod cannot serve until its SVID arrives, so the
+/// agent asks again soon; a refusal costs the CA one cache lookup.
+const RETRY_MAX_REFUSED: Duration = Duration::from_secs(2);
 
 impl SvidStore {
     pub fn new(source: IdentitySource, on_rotate: OnRotate) -> Result<Self> {
@@ -198,7 +232,7 @@ async fn keep_fresh(
                     retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                     "cannot obtain svid");
                 tokio::time::sleep(delay).await;
-                retry = (retry * 2).min(RETRY_MAX);
+                retry = e.next_retry(retry);
             }
         }
     }
@@ -220,5 +254,27 @@ mod tests {
         assert!(delays.iter().all(|d| *d >= base / 2 && *d <= base));
         let distinct: std::collections::HashSet<_> = delays.iter().collect();
         assert!(distinct.len() > 100, "{} distinct delays", distinct.len());
+    }
+
+    /// The delays a run of identical failures produces, from the first.
+    fn schedule(error: &FetchError, failures: usize) -> Vec<Duration> {
+        std::iter::successors(Some(RETRY_MIN), |d| Some(error.next_retry(*d)))
+            .take(failures)
+            .collect()
+    }
+
+    #[test]
+    fn a_refusal_is_retried_sooner_than_an_unreachable_ca() {
+        let refused = FetchError::Refused(CaClientError::Refused("pod not on node".into()));
+        let unreachable = FetchError::Unreachable(anyhow::anyhow!("connection refused"));
+        let ms = |d: Vec<Duration>| d.iter().map(Duration::as_millis).collect::<Vec<_>>();
+        assert_eq!(
+            ms(schedule(&refused, 8)),
+            [200, 400, 800, 1600, 2000, 2000, 2000, 2000]
+        );
+        assert_eq!(
+            ms(schedule(&unreachable, 8)),
+            [200, 400, 800, 1600, 3200, 6400, 10000, 10000]
+        );
     }
 }
