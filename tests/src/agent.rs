@@ -319,7 +319,7 @@ impl Testbed {
         cmd.args(args);
         match (filter, std::env::var_os("AMBIT_LOG")) {
             (Some(filter), _) => cmd.env("AMBIT_LOG", filter),
-            (None, None) => cmd.env("AMBIT_LOG", "info"),
+            (None, None) => cmd.env("AMBIT_LOG", &self.log_filter),
             (None, Some(_)) => &mut cmd,
         };
         let pid = self.spawn_command(&mut cmd, &name)?;
@@ -433,6 +433,15 @@ impl Agent {
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The audit log's decision records for connections in `direction`
+    /// ("inbound" or "outbound"), allowed or denied.
+    pub fn audit_decisions(&self, direction: &str) -> Vec<Value> {
+        self.audit_records()
+            .into_iter()
+            .filter(|r| r["event"] == "decision" && r["direction"] == direction)
             .collect()
     }
 

@@ -246,7 +246,7 @@ impl Testbed {
         let kubernetes = self.kubernetes_agent_args(node, kubeconfig);
         args.extend(kubernetes.iter().map(String::as_str));
         let mut cmd = crate::exec::command(&place, &binary, &args);
-        cmd.env("AMBIT_LOG", "info");
+        cmd.env("AMBIT_LOG", &self.log_filter);
         let name = place.label.clone();
         self.spawn_command(&mut cmd, &name)?;
         Ok(name)

@@ -113,7 +113,14 @@ pub struct Testbed {
     pods: Vec<Pod>,
     children: Arc<Mutex<Vec<Child>>>,
     ca: std::sync::OnceLock<agent::CaInfo>,
+    /// `AMBIT_LOG` for the agents, CAs and sidecars this testbed starts
+    /// (unless the caller's environment or the launch sets one).
+    log_filter: String,
 }
+
+/// Tests read the per-connection opening lines, which are at debug level.
+pub const TEST_LOG_FILTER: &str =
+    "info,ambit::proxy::outbound=debug,ambit::proxy::inbound_tunnel=debug";
 
 fn pod_ipv4(node: usize, slot: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, node as u8, slot as u8)
@@ -148,6 +155,7 @@ impl Testbed {
             pods: Vec::new(),
             children: Arc::new(Mutex::new(Vec::new())),
             ca: std::sync::OnceLock::new(),
+            log_filter: TEST_LOG_FILTER.to_owned(),
         };
         for index in 0..nodes {
             testbed.add_node(index)?;
@@ -156,6 +164,12 @@ impl Testbed {
             testbed.link_nodes()?;
         }
         Ok(testbed)
+    }
+
+    /// Sets the `AMBIT_LOG` of processes started from now on (a benchmark
+    /// runs them as deployed: `info`).
+    pub fn set_log_filter(&mut self, filter: &str) {
+        self.log_filter = filter.to_owned();
     }
 
     pub fn node(&self, index: usize) -> &Node {

@@ -334,8 +334,14 @@ fn a_relabelled_destination_is_decided_on_its_current_labels_on_a_pooled_tunnel(
     assert_eq!(m.tb.curl(&m.a, &url)?, (0, BODY.to_string()));
     // A long-lived connection that the relabel must end.
     m.hold_connection_from_a()?;
-    m.agent1
-        .wait_for_records("inbound connection accepted", 2, secs(10))?;
+    wait_until(secs(10), || {
+        Ok(m.agent1
+            .audit_decisions("inbound")
+            .iter()
+            .filter(|r| r["decision"] == "allow")
+            .count()
+            >= 2)
+    })?;
 
     m.relabel_b("other")?;
     let (code, _) = m.tb.curl(&m.a, &url)?;
@@ -493,15 +499,16 @@ print(s.recv(100).decode().strip())
     ensure!(out.status.success(), "client as nobody: {}", stderr(&out));
     // b is strict: only a tunnelled connection gets an answer.
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), marker);
-    let captured = m
+    let outbound = m
         .agent0
-        .wait_for_records("outbound connection captured", 1, secs(10))?;
-    assert_eq!(captured[0]["orig_dst"], format!("{}:{ECHO}", m.b.ipv4));
-    let accepted = m
+        .wait_for_records("outbound connection closed", 1, secs(10))?;
+    assert_eq!(outbound[0]["orig_dst"], format!("{}:{ECHO}", m.b.ipv4));
+    assert_eq!(outbound[0]["mode"], "hbone");
+    let inbound = m
         .agent1
-        .wait_for_records("inbound connection accepted", 1, secs(10))?;
+        .wait_for_records("inbound connection closed", 1, secs(10))?;
     assert_eq!(
-        accepted[0]["peer_spiffe_id"],
+        inbound[0]["peer_spiffe_id"],
         format!("{TD}/ns/default/sa/frontend")
     );
     Ok(())

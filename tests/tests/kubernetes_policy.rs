@@ -372,7 +372,14 @@ fn authorization_policy_objects_decide_connections_and_an_invalid_one_keeps_the_
     s.cp.start_api_server()?;
 
     // A long-lived connection the last good version allows...
-    let accepted = s.agent1.records("inbound connection accepted").len();
+    let allowed = || {
+        s.agent1
+            .audit_decisions("inbound")
+            .iter()
+            .filter(|r| r["decision"] == "allow")
+            .count()
+    };
+    let accepted = allowed();
     let _long = s.tb.spawn(
         &s.c,
         "long-connection",
@@ -382,9 +389,7 @@ fn authorization_policy_objects_decide_connections_and_an_invalid_one_keeps_the_
             &format!("sleep 60 | socat - TCP:{}:{HTTP}", s.server.ipv4),
         ],
     )?;
-    wait_until(DEADLINE, || {
-        Ok(s.agent1.records("inbound connection accepted").len() > accepted)
-    })?;
+    wait_until(DEADLINE, || Ok(allowed() > accepted))?;
 
     // Deleted: back to the mesh default.
     s.cp.kubectl

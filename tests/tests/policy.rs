@@ -101,11 +101,7 @@ impl Scene {
     }
 
     fn inbound_decisions(&self) -> Vec<Value> {
-        self.agent
-            .audit_records()
-            .into_iter()
-            .filter(|r| r["event"] == "decision" && r["direction"] == "inbound")
-            .collect()
+        self.agent.audit_decisions("inbound")
     }
 
     fn wait_decisions(&self, n: usize) -> Result<Vec<Value>> {

@@ -85,20 +85,9 @@ fn echo(tb: &Testbed, from: &Pod, to: &Pod, marker: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn audit_decisions(agent: &Agent, direction: &str) -> Vec<Value> {
-    agent
-        .audit_records()
-        .into_iter()
-        .filter(|r| r["event"] == "decision" && r["direction"] == direction)
-        .collect()
-}
-
 fn wait_decisions(agent: &Agent, direction: &str, n: usize) -> Result<Vec<Value>> {
-    wait_until(
-        secs(10),
-        || Ok(audit_decisions(agent, direction).len() >= n),
-    )?;
-    Ok(audit_decisions(agent, direction))
+    wait_until(secs(10), || Ok(agent.audit_decisions(direction).len() >= n))?;
+    Ok(agent.audit_decisions(direction))
 }
 
 /// `count` outbound connections of `proxy` went through the tunnel to the
@@ -143,10 +132,10 @@ fn an_apps_connection_from_a_sidecar_pod_is_captured_and_tunnelled_to_a_node_mod
     // The sidecar captured both and sent them through the tunnel to b's
     // identity; b's agent saw the sidecar pod's identity.
     assert_tunnelled(&sc.sidecar, 2, "b")?;
-    let accepted = sc
+    let closed = sc
         .agent1
-        .wait_for_records("inbound connection accepted", 2, secs(10))?;
-    for record in &accepted {
+        .wait_for_records("inbound connection closed", 2, secs(10))?;
+    for record in &closed {
         assert_eq!(record["peer_spiffe_id"], format!("{TD}/ns/default/sa/side"));
         assert_eq!(record["workload"], "default/b");
     }

@@ -242,15 +242,20 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
             return;
         }
     };
-    tracing::info!(workload = %pod.id, src = %peer.addr, peer_spiffe_id = %peer.spiffe_id,
+    // The info line comes at the end, with everything this one says: one
+    // formatted line per connection, not two.
+    tracing::debug!(workload = %pod.id, src = %peer.addr, peer_spiffe_id = %peer.spiffe_id,
         peer_cert_serial = %peer.serial, %dst, policy = decision.policy.as_deref(),
         "inbound connection accepted");
     let relaying = relay_tunnel(&mut upstream, &mut stream, Initiator::Tunnel);
     let (stats, result, reason) = ctx.gate.relay(&conn, pod, relaying).await;
     tracing::info!(
         workload = %pod.id,
+        src = %peer.addr,
         peer_spiffe_id = %peer.spiffe_id,
+        peer_cert_serial = %peer.serial,
         %dst,
+        policy = decision.policy.as_deref(),
         bytes_sent = stats.sent,
         bytes_received = stats.received,
         duration_ms = u64::try_from(stats.duration.as_millis()).unwrap_or(u64::MAX),

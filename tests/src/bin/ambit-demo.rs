@@ -79,6 +79,8 @@ fn policy_demo(
 
 fn main() -> Result<()> {
     let mut tb = Testbed::new(2)?;
+    // The agents log as deployed.
+    tb.set_log_filter("info");
     let client = tb.add_pod(0, "client")?;
     let batch = tb.add_pod(0, "batch")?;
     let attacker = tb.add_pod(0, "attacker")?;
@@ -131,7 +133,7 @@ fn main() -> Result<()> {
         body.trim_end()
     );
     let tunnel = wait(&agent0, "tunnel established")?;
-    let inbound = wait(&agent1, "inbound connection accepted")?;
+    let inbound = wait(&agent1, "inbound connection closed")?;
     println!(
         "   node 0 agent: tunnel to {} verified as {}",
         tunnel["peer_addr"].as_str().unwrap_or_default(),

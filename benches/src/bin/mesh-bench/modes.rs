@@ -86,6 +86,8 @@ impl Bench {
             .context("executable path is not UTF-8")?
             .to_owned();
         let mut tb = Testbed::new(2)?;
+        // The data plane logs as deployed, not as the tests read it.
+        tb.set_log_filter("info");
         let mut lanes = Vec::new();
         for &mode in modes {
             let client = tb.add_pod(0, &format!("client-{}", mode.key()))?;
