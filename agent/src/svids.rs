@@ -48,10 +48,10 @@ impl IdentitySource {
         match self {
             Self::Embedded { ca, ttl } => ca
                 .issue_svid(id, *ttl)
-                .map_err(|e| FetchError::Unreachable(e.into())),
+                .map_err(|e| FetchError::Failed(e.into())),
             Self::Remote(client) => client.request_svid(id, None).await.map_err(|e| match e {
                 CaClientError::Refused(_) => FetchError::Refused(e),
-                other => FetchError::Unreachable(other.into()),
+                other => FetchError::Failed(other.into()),
             }),
         }
     }
@@ -63,9 +63,10 @@ enum FetchError {
     /// The CA answered and said no.
     #[error(transparent)]
     Refused(CaClientError),
-    /// No answer: the CA is unreachable, slow or broken (or the embedded CA failed).
+    /// Anything else: the CA is unreachable, slow or broken, or the embedded
+    /// CA could not issue.
     #[error(transparent)]
-    Unreachable(anyhow::Error),
+    Failed(anyhow::Error),
 }
 
 impl FetchError {
@@ -73,7 +74,7 @@ impl FetchError {
     fn next_retry(&self, previous: Duration) -> Duration {
         let cap = match self {
             Self::Refused(_) => RETRY_MAX_REFUSED,
-            Self::Unreachable(_) => RETRY_MAX_UNREACHABLE,
+            Self::Failed(_) => RETRY_MAX_FAILED,
         };
         (previous * 2).min(cap)
     }
@@ -106,9 +107,9 @@ impl Drop for Held {
 
 /// Retry delays after a failed fetch, doubling up to a cap.
 const RETRY_MIN: Duration = Duration::from_millis(200);
-/// Cap while the CA cannot be reached: it may be down or overloaded, and
-/// every agent of the cluster is retrying.
-const RETRY_MAX_UNREACHABLE: Duration = Duration::from_secs(10);
+/// Cap while the CA cannot be reached (or fails otherwise): it may be down
+/// or overloaded, and every agent of the cluster is retrying.
+const RETRY_MAX_FAILED: Duration = Duration::from_secs(10);
 /// Cap while the CA answers with a refusal. At pod start that is the usual
 /// case for a moment (the CA's pod cache has not yet seen the pod the
 /// agent's has), and the pod cannot serve until its SVID arrives, so the
@@ -266,7 +267,7 @@ mod tests {
     #[test]
     fn a_refusal_is_retried_sooner_than_an_unreachable_ca() {
         let refused = FetchError::Refused(CaClientError::Refused("pod not on node".into()));
-        let unreachable = FetchError::Unreachable(anyhow::anyhow!("connection refused"));
+        let unreachable = FetchError::Failed(anyhow::anyhow!("connection refused"));
         let ms = |d: Vec<Duration>| d.iter().map(Duration::as_millis).collect::<Vec<_>>();
         assert_eq!(
             ms(schedule(&refused, 8)),

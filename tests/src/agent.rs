@@ -445,6 +445,14 @@ impl Agent {
             .collect()
     }
 
+    /// How many connections in `direction` the audit log records as allowed.
+    pub fn allowed_decisions(&self, direction: &str) -> usize {
+        self.audit_decisions(direction)
+            .iter()
+            .filter(|r| r["decision"] == "allow")
+            .count()
+    }
+
     /// Entries in one of the agent's pinned maps, read with bpftool (as an
     /// operator would).
     pub fn map_entries(&self, map: &str) -> Result<usize> {

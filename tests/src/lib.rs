@@ -201,11 +201,17 @@ impl Testbed {
         self.nodes.push(node);
         let gw4 = format!("{}/24", pod_ipv4(index, 1));
         let gw6 = format!("{}/64", pod_ipv6(index, 1));
+        // A bridge without an address of its own takes the lowest of its
+        // ports', so adding a pod could change the gateway's MAC under the
+        // other pods' neighbour entries: their packets would be dropped as
+        // not for this host until those entries were probed again (seconds
+        // to half a minute). A set address stays.
+        let bridge_mac = format!("02:a5:b1:00:00:{:02x}", index + 1);
         ip_batch(
             &netns,
             &[
                 "link set lo up",
-                "link add br0 type bridge",
+                &format!("link add br0 address {bridge_mac} type bridge"),
                 &format!("addr add {gw4} dev br0"),
                 &format!("addr add {gw6} dev br0 nodad"),
                 "link set br0 up",

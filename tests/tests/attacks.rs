@@ -334,14 +334,7 @@ fn a_relabelled_destination_is_decided_on_its_current_labels_on_a_pooled_tunnel(
     assert_eq!(m.tb.curl(&m.a, &url)?, (0, BODY.to_string()));
     // A long-lived connection that the relabel must end.
     m.hold_connection_from_a()?;
-    wait_until(secs(10), || {
-        Ok(m.agent1
-            .audit_decisions("inbound")
-            .iter()
-            .filter(|r| r["decision"] == "allow")
-            .count()
-            >= 2)
-    })?;
+    wait_until(secs(10), || Ok(m.agent1.allowed_decisions("inbound") >= 2))?;
 
     m.relabel_b("other")?;
     let (code, _) = m.tb.curl(&m.a, &url)?;

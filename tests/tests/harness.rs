@@ -61,3 +61,40 @@ fn a_failing_test_leaves_nothing_behind() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// The gateway's MAC as `host` sees it: `br0`'s own on the node, the
+/// neighbour entry for the gateway in a pod.
+fn gateway_mac(tb: &Testbed, host: &dyn ambit_testbed::Host, args: &[&str]) -> Result<String> {
+    let out = tb.run(host, args)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "link/ether" && *w != "lladdr")
+        .nth(1)
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no MAC in {:?}: {text}", args))
+}
+
+#[test]
+fn adding_pods_never_changes_the_gateway_a_running_pod_has_cached() -> Result<()> {
+    let mut tb = Testbed::new(1)?;
+    let first = tb.add_pod(0, "first")?;
+    // The pod resolves its gateway, as any pod sending traffic does (the
+    // node has no listener there: the connect is refused, after ARP).
+    tb.sh(
+        &first,
+        "socat -u /dev/null TCP4:198.18.0.1:9,connect-timeout=2 || true",
+    )?;
+    let node = tb.node(0).clone();
+    let bridge = ["ip", "link", "show", "br0"];
+    let cached = ["ip", "neigh", "show", "198.18.0.1"];
+    let before = gateway_mac(&tb, &node, &bridge)?;
+    assert_eq!(gateway_mac(&tb, &first, &cached)?, before);
+    // A bridge without an address of its own takes its lowest port's: with
+    // 24 more random port MACs it would almost surely (24 in 25) move.
+    for i in 0..24 {
+        tb.add_pod(0, &format!("more{i}"))?;
+    }
+    assert_eq!(gateway_mac(&tb, &node, &bridge)?, before);
+    assert_eq!(gateway_mac(&tb, &first, &cached)?, before);
+    Ok(())
+}

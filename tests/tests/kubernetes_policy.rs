@@ -372,13 +372,7 @@ fn authorization_policy_objects_decide_connections_and_an_invalid_one_keeps_the_
     s.cp.start_api_server()?;
 
     // A long-lived connection the last good version allows...
-    let allowed = || {
-        s.agent1
-            .audit_decisions("inbound")
-            .iter()
-            .filter(|r| r["decision"] == "allow")
-            .count()
-    };
+    let allowed = || s.agent1.allowed_decisions("inbound");
     let accepted = allowed();
     let _long = s.tb.spawn(
         &s.c,
