@@ -61,6 +61,11 @@ struct Cli {
     /// Rounds to take medians over (default: 1 with --quick, else 3).
     #[arg(long)]
     rounds: Option<usize>,
+    /// An extra argument for both node agents' `ambit run` (repeat for
+    /// more): for A/B runs of an agent setting, e.g.
+    /// `--agent-arg=--worker-threads=1`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -100,6 +105,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut cfg = Config::new(cli.quick);
     cfg.rounds = cli.rounds.unwrap_or(cfg.rounds);
+    cfg.agent_args = cli.agent_args.clone();
     let results = run(cfg, cli.data_path_only)?;
     let json = out.join("results.json");
     results.write(&json)?;
@@ -160,7 +166,7 @@ fn run(cfg: Config, data_path_only: bool) -> Result<Results> {
     // Room for 10,000 idle connections through each agent (two descriptors
     // each), inherited by every process the testbed starts.
     load::raise_fd_limit_to(65_536)?;
-    let mut bench = Bench::start(&modes)?;
+    let mut bench = Bench::start(&modes, &cfg.agent_args)?;
     let mut rec = Recorder::default();
     let rates = rounds::rates(&bench, &modes, &cfg, &mut rec)?;
     for round in 0..cfg.rounds {

@@ -80,7 +80,7 @@ impl Bench {
     /// Two nodes, a client and a server pod per mode (each server running
     /// the HTTP server and iperf3), the CA, both node agents, and a sidecar
     /// in each sidecar-mode pod.
-    pub fn start(modes: &[Mode]) -> Result<Self> {
+    pub fn start(modes: &[Mode], extra_agent_args: &[String]) -> Result<Self> {
         let me = std::env::current_exe()?
             .to_str()
             .context("executable path is not UTF-8")?
@@ -122,7 +122,8 @@ impl Bench {
         // two descriptors per connection (a passthrough); a tunnelled one
         // holds one per agent, so the idle-connection phase can hold 10,000
         // under this machine's hard limit of 20,000.
-        let agent_args = ["--max-connections", "16000"];
+        let mut agent_args = vec!["--max-connections", "16000"];
+        agent_args.extend(extra_agent_args.iter().map(String::as_str));
         tb.write_workloads(0, &entries)?;
         tb.write_workloads(1, &entries)?;
         let agents = [

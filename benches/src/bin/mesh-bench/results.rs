@@ -90,6 +90,9 @@ pub struct Config {
     pub scale_requests: u64,
     pub churn_cycles: usize,
     pub idle_connections: usize,
+    /// Extra arguments the node agents ran with (`--agent-arg`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agent_args: Vec<String>,
 }
 
 impl Config {
@@ -107,6 +110,7 @@ impl Config {
                 scale_requests: 200,
                 churn_cycles: 20,
                 idle_connections: 500,
+                agent_args: Vec::new(),
             }
         } else {
             Self {
@@ -121,6 +125,7 @@ impl Config {
                 scale_requests: 4000,
                 churn_cycles: 1000,
                 idle_connections: 10_000,
+                agent_args: Vec::new(),
             }
         }
     }
