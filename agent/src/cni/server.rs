@@ -125,13 +125,13 @@ impl CniServer {
             Command::Del => self.del(&request, deadline).await,
             Command::Check => self.check(&request),
         };
-        let level_error = response.status == Status::Error;
-        if level_error {
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if response.status == Status::Error {
             tracing::warn!(pod = %id, ?command, message = %response.message,
-                elapsed_ms = started.elapsed().as_millis() as u64, "CNI request failed");
+                elapsed_ms, "CNI request failed");
         } else {
             tracing::info!(pod = %id, ?command, status = ?response.status,
-                elapsed_ms = started.elapsed().as_millis() as u64, "CNI request done");
+                elapsed_ms, "CNI request done");
         }
         response
     }
