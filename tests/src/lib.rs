@@ -1,9 +1,9 @@
 //! A testbed of simulated Kubernetes nodes and pods on one machine
 //! (docs/architecture.md), shared by the e2e tests, the demo and the benchmarks.
 //!
-//! * A **node** is a network namespace with a bridge for its pods, IP
-//!   forwarding on, and its own cgroup (the agent attaches its programs there
-//!   and runs inside it).
+//! * A **node** is a network namespace with a bridge for its pods (at a
+//!   fixed MAC, so the pods' gateway never moves), IP forwarding on, and its
+//!   own cgroup (the agent attaches its programs there and runs inside it).
 //! * A **pod** is a network namespace with one veth on its node's bridge and a
 //!   cgroup below its node's.
 //! * Two nodes are joined by a veth link and route each other's pod ranges.
