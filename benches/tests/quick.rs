@@ -77,6 +77,8 @@ fn quick_run_carries_traffic_in_every_mode_and_reports_every_figure() {
         "churn.cycles".into(),
         "idle.node.client_agent.rss_mib".into(),
         "idle.node.server_agent.rss_mib".into(),
+        "host.rounds.steal_pct".into(),
+        "host.rounds.iowait_pct".into(),
     ];
     for stage in ["baseline", "peak", "end"] {
         keys.push(format!("churn.rss_mib.{stage}"));
@@ -134,5 +136,10 @@ fn quick_run_carries_traffic_in_every_mode_and_reports_every_figure() {
     assert!(
         section.starts_with("<!-- mesh-bench:begin -->")
             && section.contains("<!-- mesh-bench:end -->")
+    );
+    // The reader learns how busy the host was while the rounds ran.
+    assert!(
+        section.contains("during the rounds the host stole"),
+        "{section}"
     );
 }

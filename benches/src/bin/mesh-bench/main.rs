@@ -16,6 +16,7 @@
 
 mod churn;
 mod compare;
+mod host;
 mod http;
 mod idle;
 mod load;
@@ -152,6 +153,10 @@ fn publish(results: &Results, out: &Path, docs: &Path) -> Result<()> {
     }
 }
 
+/// Steal above this share of CPU time during the rounds is reported as a
+/// noisy host (a quiet run here shows well under 1%).
+const HOST_STEAL_WARN_PCT: f64 = 2.0;
+
 fn run(cfg: Config, data_path_only: bool) -> Result<Results> {
     let modes = MODES.to_vec();
     let machine = Machine::this();
@@ -168,6 +173,7 @@ fn run(cfg: Config, data_path_only: bool) -> Result<Results> {
     load::raise_fd_limit_to(65_536)?;
     let mut bench = Bench::start(&modes, &cfg.agent_args)?;
     let mut rec = Recorder::default();
+    let host_before = host::CpuTimes::read()?;
     let rates = rounds::rates(&bench, &modes, &cfg, &mut rec)?;
     for round in 0..cfg.rounds {
         // Rotate the order so no mode always runs first or last.
@@ -176,6 +182,18 @@ fn run(cfg: Config, data_path_only: bool) -> Result<Results> {
             println!("round {}: {}", round + 1, mode.label());
             rounds::round(&bench, mode, &rates, &cfg, &mut rec)?;
         }
+    }
+    let (steal, iowait) = host::CpuTimes::read()?.busy_since(&host_before);
+    rec.record("host.rounds.steal_pct", "%", steal);
+    rec.record("host.rounds.iowait_pct", "%", iowait);
+    println!(
+        "host during the rounds: {steal:.1}% of CPU time stolen, {iowait:.1}% waiting for I/O"
+    );
+    if steal > HOST_STEAL_WARN_PCT {
+        println!(
+            "  warning: the host took {steal:.1}% of this VM's CPU: compare ratios within this \
+             run only, and prefer a run on a quieter host for publishing"
+        );
     }
     let mut churn_samples = Vec::new();
     if !data_path_only {
