@@ -16,11 +16,16 @@ fn quick_run_carries_traffic_in_every_mode_and_reports_every_figure() {
         .arg(out_dir.path())
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "mesh-bench --quick failed:\n{}\n{}",
+    // What mesh-bench printed, including the first error of any load that
+    // had failures: shown with every failed check below.
+    let printed = format!(
+        "{}\n{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "mesh-bench --quick failed:\n{printed}"
     );
     let results: Value = serde_json::from_str(
         &std::fs::read_to_string(out_dir.path().join("results.json")).unwrap(),
@@ -68,7 +73,11 @@ fn quick_run_carries_traffic_in_every_mode_and_reports_every_figure() {
             value(&format!("{load}.requests")) > 0.0,
             "{load} carried no requests"
         );
-        assert_eq!(value(&format!("{load}.errors")), 0.0, "{load} had failures");
+        assert_eq!(
+            value(&format!("{load}.errors")),
+            0.0,
+            "{load} had failures; mesh-bench printed:\n{printed}"
+        );
     }
     // Every other figure the report shows is present.
     let mut keys = vec![

@@ -225,6 +225,7 @@ pub fn spread(targets: &str, requests: u64) -> Result<Counts> {
     let mut first_error = None;
     for i in 0..requests {
         let slot = i as usize % addrs.len();
+        let reused = conns[slot].is_some();
         let result = match conns[slot].as_mut() {
             Some(conn) => conn.request(),
             None => HttpConn::connect(addrs[slot]).and_then(|mut c| {
@@ -237,6 +238,9 @@ pub fn spread(targets: &str, requests: u64) -> Result<Counts> {
             Ok(()) => counts.requests += 1,
             Err(e) => {
                 counts.errors += 1;
+                let on = if reused { "a kept-alive" } else { "a new" };
+                let e =
+                    std::io::Error::new(e.kind(), format!("request {i} on {on} connection: {e}"));
                 note_error(&mut first_error, addrs[slot], e);
                 conns[slot] = None;
             }
