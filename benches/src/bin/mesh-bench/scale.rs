@@ -47,6 +47,7 @@ pub fn run(b: &mut Bench, modes: &[Mode], cfg: &Config, rec: &mut Recorder) -> R
                 &["first-served", &addr],
                 Duration::from_secs(90),
             )?;
+            let timed_ip = pod.ipv4.to_string();
             mode_pods.push(pod);
             let key = format!("scale.{per_node}.{m}");
             rec.record(
@@ -65,12 +66,24 @@ pub fn run(b: &mut Bench, modes: &[Mode], cfg: &Config, rec: &mut Recorder) -> R
                     Duration::from_secs(600),
                 )
             };
+            // In node mode a new pod answers in plaintext until both agents
+            // have read the workloads file, and a connection the client's
+            // agent still passes through is refused once the server's agent
+            // has taken the pod in. Its first inbound decision there (a
+            // connection through the tunnel, so the client's agent has the
+            // pod too) says both have.
+            let in_mesh = || {
+                *mode != Mode::Node
+                    || b.agents[1].audit_decisions("inbound").iter().any(|r| {
+                        r["decision"] == "allow" && r["destination"]["address"] == timed_ip.as_str()
+                    })
+            };
             // Every pod answers once before the measurement: the pods added
             // in bulk are enrolled and their tunnels are up.
             wait_until(Duration::from_secs(120), || {
-                Ok(spread(targets.len() as u64)?.errors == 0)
+                Ok(spread(targets.len() as u64)?.errors == 0 && in_mesh())
             })
-            .context("the scaled pods never all answered")?;
+            .context("the scaled pods never all answered through the mesh")?;
             let cpu = b.data_plane_cpu(*mode)?;
             let counts = spread(cfg.scale_requests)?;
             let cpu = b.data_plane_cpu(*mode)? - cpu;
