@@ -47,7 +47,6 @@ pub fn run(b: &mut Bench, modes: &[Mode], cfg: &Config, rec: &mut Recorder) -> R
                 &["first-served", &addr],
                 Duration::from_secs(90),
             )?;
-            let timed_ip = pod.ipv4.to_string();
             mode_pods.push(pod);
             let key = format!("scale.{per_node}.{m}");
             rec.record(
@@ -69,14 +68,25 @@ pub fn run(b: &mut Bench, modes: &[Mode], cfg: &Config, rec: &mut Recorder) -> R
             // In node mode a new pod answers in plaintext until both agents
             // have read the workloads file, and a connection the client's
             // agent still passes through is refused once the server's agent
-            // has taken the pod in. Its first inbound decision there (a
-            // connection through the tunnel, so the client's agent has the
-            // pod too) says both have.
+            // has taken the pod in. An inbound allow decision for a pod in
+            // its node's agent (a connection through the tunnel, so the
+            // client's agent has it too) says both have, and its SVID is
+            // there.
             let in_mesh = || {
-                *mode != Mode::Node
-                    || b.agents[1].audit_decisions("inbound").iter().any(|r| {
-                        r["decision"] == "allow" && r["destination"]["address"] == timed_ip.as_str()
+                if *mode != Mode::Node {
+                    return true;
+                }
+                let served: Vec<Vec<serde_json::Value>> = b
+                    .agents
+                    .iter()
+                    .map(|a| a.audit_decisions("inbound"))
+                    .collect();
+                mode_pods.iter().all(|p| {
+                    let ip = p.ipv4.to_string();
+                    served[p.node].iter().any(|r| {
+                        r["decision"] == "allow" && r["destination"]["address"] == ip.as_str()
                     })
+                })
             };
             // Every pod answers once before the measurement: the pods added
             // in bulk are enrolled and their tunnels are up.
