@@ -322,7 +322,7 @@ impl Testbed {
             (None, None) => cmd.env("AMBIT_LOG", &self.log_filter),
             (None, Some(_)) => &mut cmd,
         };
-        let pid = self.spawn_command(&mut cmd, &name)?;
+        let pid = self.spawn_command(cmd, &name)?;
         Ok(Agent {
             log_path: self.dir.path().join(format!("{name}.err")),
             name,

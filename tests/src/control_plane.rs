@@ -173,7 +173,7 @@ impl ControlPlane {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        spawn::spawn_tied_to_process(cmd)
+        crate::exec::spawn_tied_to_process(cmd)
     }
 
     /// Starts kube-apiserver (again) on the same port, certificates and etcd

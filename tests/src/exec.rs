@@ -7,10 +7,11 @@ use std::{
     os::unix::{ffi::OsStrExt, process::CommandExt},
     path::Path,
     process::{Child, Command, Output},
+    sync::{Mutex, OnceLock, mpsc},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 
 /// Somewhere a process can run: a named network namespace plus a cgroup.
 pub trait Host {
@@ -72,6 +73,52 @@ fn enter_netns(path: &CString) -> io::Result<()> {
         check(entered)?;
     }
     Ok(())
+}
+
+type Job = (Command, mpsc::Sender<io::Result<Child>>);
+
+/// Spawns `cmd` with `PR_SET_PDEATHSIG(SIGKILL)`, so it dies with this
+/// process even when destructors never run (a shared control plane lives in
+/// a static; a test killed by a timeout, or a benchmark stopped with
+/// Ctrl-C, unwinds nothing).
+///
+/// The death signal follows the *thread* that forked, and test threads end
+/// early, so every spawn happens on one thread that lives as long as the
+/// process.
+pub fn spawn_tied_to_process(mut cmd: Command) -> Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("tied-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in inbox {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("cannot start the spawner thread");
+        Mutex::new(jobs)
+    });
+    let shown = format!("{cmd:?}");
+    // SAFETY: prctl is async-signal-safe and touches no shared state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply))
+        .map_err(|_| anyhow!("the spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| anyhow!("the spawner thread is gone"))?
+        .with_context(|| format!("cannot start {shown}"))
 }
 
 /// Runs `cmd` to completion, killing it after `timeout`.

@@ -140,7 +140,7 @@ impl Testbed {
             format!("UNIX-LISTEN:{socket},fork"),
             format!("TCP:127.0.0.1:{port}"),
         ]);
-        self.spawn_command(&mut host_side, &format!("api-bridge-host-n{node}"))?;
+        self.spawn_command(host_side, &format!("api-bridge-host-n{node}"))?;
         let node_host = self.node(node).clone();
         self.spawn(
             &node_host,
@@ -248,7 +248,7 @@ impl Testbed {
         let mut cmd = crate::exec::command(&place, &binary, &args);
         cmd.env("AMBIT_LOG", &self.log_filter);
         let name = place.label.clone();
-        self.spawn_command(&mut cmd, &name)?;
+        self.spawn_command(cmd, &name)?;
         Ok(name)
     }
 }

@@ -319,19 +319,19 @@ impl Testbed {
     /// Starts a long-running program on `host`; its output goes to
     /// `<dir>/<name>.out` and `.err`. Killed when the testbed drops.
     pub fn spawn(&self, host: &dyn Host, name: &str, args: &[&str]) -> Result<u32> {
-        let mut cmd = exec::command(host, args[0], &args[1..]);
-        self.spawn_command(&mut cmd, name)
+        let cmd = exec::command(host, args[0], &args[1..]);
+        self.spawn_command(cmd, name)
     }
 
-    pub fn spawn_command(&self, cmd: &mut Command, name: &str) -> Result<u32> {
+    /// Starts `cmd` as one of the testbed's programs: killed when the
+    /// testbed drops, and with this process if it dies first (a test killed
+    /// by a timeout, a benchmark stopped with Ctrl-C), so no agent outlives
+    /// the run that started it.
+    pub fn spawn_command(&self, mut cmd: Command, name: &str) -> Result<u32> {
         let out = std::fs::File::create(self.dir.path().join(format!("{name}.out")))?;
         let err = std::fs::File::create(self.dir.path().join(format!("{name}.err")))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = exec::spawn_tied_to_process(cmd).with_context(|| format!("starting {name}"))?;
         let pid = child.id();
         self.children.lock().unwrap().push(child);
         Ok(pid)

@@ -98,3 +98,75 @@ fn adding_pods_never_changes_the_gateway_a_running_pod_has_cached() -> Result<()
     assert_eq!(gateway_mac(&tb, &first, &cached)?, before);
     Ok(())
 }
+
+/// Set in the environment of the process that `a_killed_test_leaves_no_agent_running`
+/// starts and kills.
+const KILLED_OWNER: &str = "AMBIT_HARNESS_KILLED_OWNER";
+
+/// Not a test on its own: the process the next test starts and kills. It
+/// builds a testbed with an agent, says what it made, and waits to die.
+#[test]
+#[ignore = "run by a_killed_test_leaves_no_agent_running"]
+fn killed_owner() -> Result<()> {
+    if std::env::var_os(KILLED_OWNER).is_none() {
+        return Ok(());
+    }
+    let mut tb = Testbed::new(1)?;
+    let p = tb.add_pod(0, "p")?;
+    let agent = tb.start_agent(0, &[WorkloadEntry::enrolled(&p)])?;
+    println!(
+        "made id={} agent={} pins={}",
+        tb.id,
+        agent.pid,
+        agent.bpf_pin_dir.display()
+    );
+    std::thread::sleep(Duration::from_secs(600));
+    Ok(())
+}
+
+/// A test killed outright (nextest's timeout, Ctrl-C on a benchmark) runs
+/// no destructor; its agent must still die with it, and the next testbed
+/// sweeps up its namespaces and pins.
+#[test]
+fn a_killed_test_leaves_no_agent_running() -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut owner = std::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", "killed_owner", "--ignored", "--nocapture"])
+        .env(KILLED_OWNER, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = owner.stdout.take().expect("piped");
+    let made = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("made "));
+    owner.kill()?;
+    owner.wait()?;
+    let made = made.ok_or_else(|| anyhow::anyhow!("the owner process never built its testbed"))?;
+    let field = |key: &str| {
+        made.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("no {key} in {made:?}"))
+    };
+    let (id, agent, pins) = (
+        field("id=")?,
+        field("agent=")?.parse::<u32>()?,
+        field("pins=")?,
+    );
+
+    wait_until(Duration::from_secs(5), || Ok(!alive(agent))).map_err(|e| {
+        e.context(format!(
+            "agent {agent} outlived the process that started it"
+        ))
+    })?;
+    let _next = Testbed::new(1)?;
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()?;
+    let netns = String::from_utf8_lossy(&netns.stdout);
+    assert!(!netns.contains(&id), "namespaces left: {netns}");
+    assert!(!std::path::Path::new(&pins).exists(), "pins left: {pins}");
+    Ok(())
+}

@@ -245,7 +245,7 @@ pub fn section(r: &Results, images: &str) -> String {
         s,
         "\n### Scale\n\nServer pods added to both nodes; {} requests spread round-robin over \
          all of them from the mode's client pod at each step (data-plane CPU read around it); \
-         one pod per step timed from its creation to the first request it served.\n\n\
+         one pod per step timed from its creation to the first request it served (in node mode, the first its node agent let in through the tunnel, by the audit record's time).\n\n\
          | pods per node | mode | data-plane memory (MiB) | processes | CPU s per 1,000 requests | pod start → first served (ms) |\n\
          |---|---|---|---|---|---|",
         c.scale_requests

@@ -8,6 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 use ambit_testbed::Pod;
 use ambit_testbed::wait_until;
 use anyhow::{Context, Result};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     load::{Counts, FirstServed, unix_micros},
@@ -41,19 +42,11 @@ pub fn run(b: &mut Bench, modes: &[Mode], cfg: &Config, rec: &mut Recorder) -> R
             // The client's sidecar learns of the new pod as the node agents
             // do: from its workloads file.
             b.sync_sidecars(Some(&b.lane(*mode).client))?;
-            let addr = SocketAddr::new(pod.ipv4.into(), HTTP_PORT).to_string();
-            let served: FirstServed = b.run_in(
-                &b.lane(*mode).client,
-                &["first-served", &addr],
-                Duration::from_secs(90),
-            )?;
+            let served_at_us = first_served(b, *mode, &pod)?;
+            let first_served_ms = served_at_us.saturating_sub(started) as f64 / 1000.0;
             mode_pods.push(pod);
             let key = format!("scale.{per_node}.{m}");
-            rec.record(
-                format!("{key}.first_served_ms"),
-                "ms",
-                served.at_unix_us.saturating_sub(started) as f64 / 1000.0,
-            );
+            rec.record(format!("{key}.first_served_ms"), "ms", first_served_ms);
             let targets: Vec<String> = mode_pods
                 .iter()
                 .map(|p| SocketAddr::new(p.ipv4.into(), HTTP_PORT).to_string())
@@ -83,9 +76,7 @@ pub fn run(b: &mut Bench, modes: &[Mode], cfg: &Config, rec: &mut Recorder) -> R
                     .collect();
                 mode_pods.iter().all(|p| {
                     let ip = p.ipv4.to_string();
-                    served[p.node].iter().any(|r| {
-                        r["decision"] == "allow" && r["destination"]["address"] == ip.as_str()
-                    })
+                    served[p.node].iter().any(|r| allowed_inbound_to(r, &ip))
                 })
             };
             // Every pod answers once before the measurement: the pods added
@@ -114,14 +105,61 @@ pub fn run(b: &mut Bench, modes: &[Mode], cfg: &Config, rec: &mut Recorder) -> R
                 node_points.push(((per_node * 2) as f64, rss as f64));
             }
             println!(
-                "  scale {per_node}/node {m}: {:.1} MiB, {:.3} CPU s per 1k requests, first served after {:.0} ms",
+                "  scale {per_node}/node {m}: {:.1} MiB, {:.3} CPU s per 1k requests, first served after {first_served_ms:.0} ms",
                 rss as f64 / 1024.0,
                 cpu * 1000.0 / counts.requests.max(1) as f64,
-                served.at_unix_us.saturating_sub(started) as f64 / 1000.0
             );
         }
     }
     let (slope, _) = linear_fit(&node_points);
     rec.record("scale.node.slope_kib_per_pod", "KiB/pod", slope);
     Ok(())
+}
+
+/// When `pod` first served a request through the data plane of `mode`, µs
+/// since the epoch. In node mode a new pod answers in plaintext until the
+/// agents take it in, so an answer alone does not say the mesh carried it:
+/// the client dials until the pod's node agent has an inbound allow
+/// decision for it, and the time is that decision's (the first one).
+fn first_served(b: &Bench, mode: Mode, pod: &Pod) -> Result<u64> {
+    let addr = SocketAddr::new(pod.ipv4.into(), HTTP_PORT).to_string();
+    let answered = || -> Result<FirstServed> {
+        b.run_in(
+            &b.lane(mode).client,
+            &["first-served", &addr],
+            Duration::from_secs(90),
+        )
+    };
+    if mode != Mode::Node {
+        return Ok(answered()?.at_unix_us);
+    }
+    let ip = pod.ipv4.to_string();
+    let mut meshed_at = None;
+    wait_until(Duration::from_secs(90), || {
+        answered()?;
+        meshed_at = b.agents[pod.node]
+            .audit_decisions("inbound")
+            .iter()
+            .find(|r| allowed_inbound_to(r, &ip))
+            .map(|r| audit_time_unix_us(&r["time"]))
+            .transpose()?;
+        Ok(meshed_at.is_some())
+    })
+    .with_context(|| format!("{addr} was never served through the node agents"))?;
+    Ok(meshed_at.unwrap_or_default())
+}
+
+/// Whether an audit record is an inbound connection to `ip` the agent
+/// allowed (one that came through the tunnel).
+fn allowed_inbound_to(record: &serde_json::Value, ip: &str) -> bool {
+    record["decision"] == "allow" && record["destination"]["address"] == ip
+}
+
+/// An audit record's RFC 3339 `time` as µs since the epoch.
+fn audit_time_unix_us(time: &serde_json::Value) -> Result<u64> {
+    let text = time.as_str().context("audit record without a time")?;
+    let at = OffsetDateTime::parse(text, &Rfc3339)
+        .with_context(|| format!("audit record time {text:?} is not RFC 3339"))?;
+    u64::try_from(at.unix_timestamp_nanos() / 1000)
+        .with_context(|| format!("audit record time {text:?} is before the epoch"))
 }
