@@ -11,8 +11,9 @@
 //! Addresses come from 198.18.0.0/15 and fd00:a5b1::/48, inside namespaces
 //! the testbed made. Everything is named after the creating process and a
 //! counter, so tests run in parallel, and everything is removed on drop,
-//! including while a failing test unwinds. Leftovers of a killed test process
-//! are swept by the next testbed.
+//! including while a failing test unwinds. A killed test process takes its
+//! programs with it (they run with `PR_SET_PDEATHSIG`), and the next testbed
+//! sweeps the namespaces, cgroups and pins it left.
 
 pub mod agent;
 pub mod chart;
