@@ -16,6 +16,14 @@ fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The host's named network namespaces, as `ip netns list` prints them.
+fn netns_list() -> Result<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[test]
 fn a_failing_test_leaves_nothing_behind() -> Result<()> {
     let mut made = None;
@@ -40,10 +48,7 @@ fn a_failing_test_leaves_nothing_behind() -> Result<()> {
     assert!(outcome.is_err(), "the closure must have failed");
     let made = made.expect("the testbed was built before the failure");
 
-    let netns = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()?;
-    let netns = String::from_utf8_lossy(&netns.stdout);
+    let netns = netns_list()?;
     assert!(!netns.contains(&made.id), "namespaces left: {netns}");
     assert!(
         !made.cgroup.exists(),
@@ -162,10 +167,7 @@ fn a_killed_test_leaves_no_agent_running() -> Result<()> {
         ))
     })?;
     let _next = Testbed::new(1)?;
-    let netns = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()?;
-    let netns = String::from_utf8_lossy(&netns.stdout);
+    let netns = netns_list()?;
     assert!(!netns.contains(&id), "namespaces left: {netns}");
     assert!(!std::path::Path::new(&pins).exists(), "pins left: {pins}");
     Ok(())
