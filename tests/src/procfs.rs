@@ -84,3 +84,32 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok((ticks(11)? + ticks(12)?) / per_second)
 }
+
+/// Context switches (voluntary and involuntary) of every thread `pid` has
+/// now. A thread that has exited no longer counts, so read this around a
+/// load on a process whose threads live as long as it does (the agents'
+/// runtime workers).
+pub fn context_switches(pid: u32) -> Result<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("listing /proc/{pid}/task"))?;
+    let mut total = 0;
+    for task in tasks {
+        let path = task?.path().join("status");
+        // A thread may exit between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v
+                    .trim()
+                    .parse::<u64>()
+                    .with_context(|| format!("parsing {}", path.display()))?;
+            }
+        }
+    }
+    Ok(total)
+}

@@ -22,6 +22,7 @@ mod idle;
 mod load;
 mod modes;
 mod plots;
+mod profile;
 mod report;
 mod results;
 mod rounds;

@@ -180,6 +180,15 @@ impl Bench {
             .sum()
     }
 
+    /// Context switches of `mode`'s data plane so far (every thread): with
+    /// its CPU, the figure that says how much of a request's cost is wakeups.
+    pub fn data_plane_switches(&self, mode: Mode) -> Result<u64> {
+        self.data_plane(mode)
+            .into_iter()
+            .map(procfs::context_switches)
+            .sum()
+    }
+
     /// Total RSS of `mode`'s data plane, KiB.
     pub fn data_plane_rss_kib(&self, mode: Mode) -> Result<u64> {
         self.data_plane(mode).into_iter().map(procfs::rss_kib).sum()
