@@ -26,7 +26,7 @@ use crate::{
     },
     metrics::HandshakeFailure,
     pod::PodContext,
-    tunnel::{self, InboundRequest, ReadAhead, TunnelConfig, TunnelError},
+    tunnel::{self, Early, InboundRequest, ReadAhead, TunnelConfig, TunnelError},
 };
 
 pub struct TunnelContext {
@@ -247,7 +247,12 @@ async fn handle_stream(request: InboundRequest, peer: Arc<Peer>, ctx: Arc<Tunnel
     tracing::debug!(workload = %pod.id, src = %peer.addr, peer_spiffe_id = %peer.spiffe_id,
         peer_cert_serial = %peer.serial, %dst, policy = decision.policy.as_deref(),
         "inbound connection accepted");
-    let relaying = relay_tunnel(&mut upstream, &mut stream, Initiator::Tunnel);
+    let relaying = relay_tunnel(
+        &mut upstream,
+        &mut stream,
+        Initiator::Tunnel,
+        Early::default(),
+    );
     let (stats, result, reason) = ctx.gate.relay(&conn, pod, relaying).await;
     tracing::info!(
         workload = %pod.id,

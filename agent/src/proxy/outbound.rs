@@ -20,7 +20,7 @@ use super::{
     limits::ConnectionPermit,
     relay::{RelayStats, relay},
     service_route::{ServiceAudit, route},
-    tunnel_relay::{Initiator, relay_tunnel},
+    tunnel_relay::{AppSocket, Initiator, relay_tunnel},
     tunnel_socket::set_liveness_options,
 };
 use crate::{
@@ -28,7 +28,7 @@ use crate::{
     identity::{client_config, handshake_failure_reason},
     mesh::{Mesh, TunnelKey},
     pod::{PodContext, PodState},
-    tunnel::{HboneClient, ReadAhead, TunnelError, TunnelLease},
+    tunnel::{Early, HboneClient, ReadAhead, TunnelError, TunnelLease},
     workloads::directory::Destination,
 };
 
@@ -189,7 +189,11 @@ async fn via_tunnel(
             return Ended::Failed(format!("no tunnel: {reason}"));
         }
     };
-    let mut stream = match lease.connect(target).await {
+    let mut early = Early::default();
+    let opened = lease
+        .connect_with_early(target, &mut AppSocket::new(&mut downstream), &mut early)
+        .await;
+    let mut stream = match opened {
         Ok(stream) => stream,
         Err(e) => {
             tracing::info!(workload = %ctx.pod.id, dst = %target,
@@ -198,7 +202,13 @@ async fn via_tunnel(
             return Ended::Failed(format!("refused by the peer: {e}"));
         }
     };
-    let (stats, result) = relay_tunnel(&mut downstream, &mut stream, Initiator::Socket).await;
+    if let Some(e) = early.error.take() {
+        tracing::info!(workload = %ctx.pod.id, dst = %target, error = %e,
+            "outbound connection failed: reading from the application");
+        return Ended::Failed(format!("reading from the application: {e}"));
+    }
+    let (stats, result) =
+        relay_tunnel(&mut downstream, &mut stream, Initiator::Socket, early).await;
     Ended::Relayed { stats, result }
 }
 

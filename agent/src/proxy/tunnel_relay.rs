@@ -14,20 +14,22 @@
 
 use std::{
     future::poll_fn,
-    io,
+    io::{self, Read},
     pin::Pin,
     task::{Context, Poll, ready},
     time::Instant,
 };
 
 use bytes::{Bytes, BytesMut};
+use socket2::SockRef;
 use tokio::{
     io::{AsyncBufRead, AsyncWrite},
     net::TcpStream,
 };
+use tokio_util::io::poll_read_buf;
 
 use super::relay::RelayStats;
-use crate::tunnel::HboneStream;
+use crate::tunnel::{Early, EarlySource, HboneStream};
 
 /// Largest socket read, and so the largest DATA payload one read makes.
 const CHUNK: usize = 64 * 1024;
@@ -42,14 +44,20 @@ pub enum Initiator {
 }
 
 /// Copies both ways until both directions are closed, propagating
-/// half-closes. On an error the bytes already relayed are still counted.
+/// half-closes, counting `early`'s bytes as sent (its error is the
+/// caller's to handle). On an error the
+/// bytes already relayed are still counted.
 pub async fn relay_tunnel(
     socket: &mut TcpStream,
     tunnel: &mut HboneStream,
     initiator: Initiator,
+    early: Early,
 ) -> (RelayStats, io::Result<()>) {
     let started = Instant::now();
-    let mut to_tunnel = ToTunnel::default();
+    let mut to_tunnel = ToTunnel {
+        bytes: early.sent,
+        ..ToTunnel::default()
+    };
     let mut from_tunnel = FromTunnel::default();
     let result = poll_fn(|cx| {
         let up = to_tunnel.poll(cx, socket, tunnel)?;
@@ -72,6 +80,48 @@ pub async fn relay_tunnel(
     (stats, result)
 }
 
+/// The application's socket as the source of a connection's early bytes
+/// (sent behind the CONNECT: see [`crate::tunnel::Early`]).
+pub struct AppSocket<'a> {
+    socket: &'a mut TcpStream,
+    /// Whether the first read, a raw one, was made.
+    tried: bool,
+}
+
+impl<'a> AppSocket<'a> {
+    pub fn new(socket: &'a mut TcpStream) -> Self {
+        Self {
+            socket,
+            tried: false,
+        }
+    }
+}
+
+impl EarlySource for AppSocket<'_> {
+    fn poll_early(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<std::io::Result<Bytes>> {
+        if !self.tried {
+            // A socket accepted a moment ago has no readiness recorded yet,
+            // so tokio would not even try: a raw `recv` finds what the
+            // application already wrote, to leave with the request headers.
+            self.tried = true;
+            let mut buf = vec![0; max];
+            match (&*SockRef::from(&*self.socket)).read(&mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Poll::Ready(Ok(Bytes::from(buf)));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        ready!(self.socket.poll_read_ready(cx))?;
+        let mut buf = BytesMut::with_capacity(max);
+        // Pending on a stale readiness, which `poll_read` clears.
+        ready!(poll_read_buf(Pin::new(&mut *self.socket), cx, &mut buf))?;
+        Poll::Ready(Ok(buf.freeze()))
+    }
+}
+
 /// Socket to tunnel.
 #[derive(Default)]
 struct ToTunnel {
@@ -86,7 +136,7 @@ impl ToTunnel {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        socket: &TcpStream,
+        socket: &mut TcpStream,
         tunnel: &mut HboneStream,
     ) -> Poll<io::Result<()>> {
         while !self.done {
@@ -102,12 +152,14 @@ impl ToTunnel {
             // Readable first, so an idle direction allocates nothing.
             ready!(socket.poll_read_ready(cx))?;
             let mut buf = BytesMut::with_capacity(CHUNK);
-            match socket.try_read_buf(&mut buf) {
-                Ok(0) => self.read_eof = true,
-                Ok(_) => self.pending = buf.freeze(),
-                // A stale readiness, now cleared: wait for the next one.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+            // `poll_read`, not `try_read_buf`: a short read drained the
+            // socket, and `poll_read` then clears the readiness, which saves
+            // the `recv` that would only return EAGAIN (one per request on
+            // a kept-alive connection). Pending: the readiness was stale and
+            // the next one is awaited.
+            match ready!(poll_read_buf(Pin::new(&mut *socket), cx, &mut buf))? {
+                0 => self.read_eof = true,
+                _ => self.pending = buf.freeze(),
             }
         }
         Poll::Ready(Ok(()))
@@ -157,7 +209,10 @@ mod tests {
     };
 
     use super::*;
-    use crate::tunnel::test_support::{connected, pattern, within};
+    use crate::tunnel::{
+        EARLY_MAX, InboundRequest, TunnelError,
+        test_support::{connected, pattern, within},
+    };
 
     /// A connected pair of loopback sockets: (the app's end, the agent's).
     async fn socket_pair() -> (TcpStream, TcpStream) {
@@ -187,10 +242,9 @@ mod tests {
         let target: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let mut tunnel = client.connect(target).await.unwrap();
         let (mut app, mut agent) = socket_pair().await;
-        let relay =
-            tokio::spawn(
-                async move { relay_tunnel(&mut agent, &mut tunnel, Initiator::Socket).await },
-            );
+        let relay = tokio::spawn(async move {
+            relay_tunnel(&mut agent, &mut tunnel, Initiator::Socket, Early::default()).await
+        });
         within(async {
             let (mut read, mut write) = app.split();
             let send = async {
@@ -207,6 +261,103 @@ mod tests {
         let (stats, result) = within(relay).await.unwrap();
         result.unwrap();
         assert_eq!((stats.sent, stats.received), (UP as u64, DOWN as u64));
+    }
+
+    /// A peer that answers only once the request's first bytes arrived
+    /// (without early data, never), then echoes them and everything after.
+    async fn answer_after_first_bytes(mut request: InboundRequest) {
+        let first = request.next_data().await.expect("early bytes");
+        let mut stream = request.accept().unwrap();
+        stream.write_all(&first).await.unwrap();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        stream.write_all(&rest).await.unwrap();
+        stream.shutdown().await.unwrap();
+    }
+
+    /// Opens a stream to a peer running `answer_after_first_bytes`, with
+    /// `agent` as the early source, while `app` (which holds the other end)
+    /// writes; then relays, half-closes the app and reads the echo. Returns
+    /// the bytes sent early and the echo.
+    async fn open_early_and_echo(
+        agent: TcpStream,
+        app: impl Future<Output = TcpStream>,
+    ) -> (u64, Vec<u8>) {
+        let (client, _server) = connected(answer_after_first_bytes).await;
+        let target: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let mut agent = agent;
+        let mut early = Early::default();
+        let mut source = AppSocket::new(&mut agent);
+        let opening = client.connect_with_early(target, &mut source, &mut early);
+        let (mut app, opened) = within(async { tokio::join!(app, opening) }).await;
+        let mut tunnel = opened.expect("the peer answers once it has the early bytes");
+        let sent = early.sent;
+        tokio::spawn(async move {
+            relay_tunnel(&mut agent, &mut tunnel, Initiator::Socket, early).await
+        });
+        app.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        within(app.read_to_end(&mut answer)).await.unwrap();
+        (sent, answer)
+    }
+
+    #[tokio::test]
+    async fn what_the_app_wrote_before_the_stream_opened_goes_before_the_answer() {
+        let (mut app, agent) = socket_pair().await;
+        app.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let (sent, answer) = open_early_and_echo(agent, async { app }).await;
+        assert_eq!(sent, 18);
+        assert_eq!(answer, b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn what_the_app_writes_while_the_peer_decides_goes_before_the_answer() {
+        let (mut app, agent) = socket_pair().await;
+        let write_later = async move {
+            // After the first poll of the opening stream, which found
+            // nothing to read.
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            app.write_all(b"later").await.unwrap();
+            app
+        };
+        let (sent, answer) = open_early_and_echo(agent, write_later).await;
+        assert_eq!(sent, 5);
+        assert_eq!(answer, b"later");
+    }
+
+    #[tokio::test]
+    async fn a_long_first_flight_sends_its_first_part_early_and_the_rest_in_order() {
+        const LEN: usize = 40 * 1024;
+        let (mut app, agent) = socket_pair().await;
+        app.write_all(&pattern(5, LEN)).await.unwrap();
+        let (sent, answer) = open_early_and_echo(agent, async { app }).await;
+        assert_eq!(sent, EARLY_MAX as u64, "sent before the answer");
+        assert!(
+            answer == pattern(5, LEN),
+            "the bytes came back out of order or short"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_still_reports_the_early_bytes_it_took() {
+        let (client, _server) = connected(|mut request: InboundRequest| async move {
+            request.next_data().await.expect("early bytes");
+            request.reject(http::StatusCode::FORBIDDEN);
+        })
+        .await;
+        let (mut app, mut agent) = socket_pair().await;
+        app.write_all(b"secret").await.unwrap();
+        let target: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let mut early = Early::default();
+        let opened =
+            within(client.connect_with_early(target, &mut AppSocket::new(&mut agent), &mut early))
+                .await;
+        assert!(
+            matches!(&opened, Err(TunnelError::Rejected(s)) if *s == 403),
+            "{opened:?}"
+        );
+        assert_eq!(early.sent, 6);
     }
 
     #[tokio::test]
@@ -230,7 +381,13 @@ mod tests {
             async move {
                 let mut stream = request.accept().unwrap();
                 let mut socket = TcpStream::connect(app_addr).await.unwrap();
-                let relayed = relay_tunnel(&mut socket, &mut stream, Initiator::Tunnel).await;
+                let relayed = relay_tunnel(
+                    &mut socket,
+                    &mut stream,
+                    Initiator::Tunnel,
+                    Early::default(),
+                )
+                .await;
                 let _ = stats_tx.unwrap().send(relayed);
             }
         })

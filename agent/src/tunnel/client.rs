@@ -2,6 +2,7 @@
 
 use std::{
     fmt,
+    future::{Future, poll_fn},
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
@@ -19,7 +20,9 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    HboneStream, TunnelConfig, TunnelError, authority, liveness, settings,
+    HboneStream, TunnelConfig, TunnelError, authority,
+    early::{Early, EarlySource, NoEarly},
+    liveness, settings,
     usage::{StreamCounter, StreamPermit},
 };
 
@@ -124,14 +127,32 @@ impl HboneClient {
     /// [`TunnelError::Rejected`]. Waiting for a stream slot and for the
     /// answer together take at most the stream-open timeout.
     pub async fn connect(&self, target: SocketAddr) -> Result<HboneStream, TunnelError> {
-        self.open(self.streams.acquire(), target).await
+        self.connect_with_early(target, &mut NoEarly, &mut Early::default())
+            .await
     }
 
-    /// [`connect`](Self::connect) on a stream slot reserved beforehand.
+    /// [`connect`](Self::connect), sending what `source` writes meanwhile
+    /// behind the request; see [`open`](Self::open).
+    pub async fn connect_with_early(
+        &self,
+        target: SocketAddr,
+        source: &mut impl EarlySource,
+        early: &mut Early,
+    ) -> Result<HboneStream, TunnelError> {
+        self.open(self.streams.acquire(), target, source, early)
+            .await
+    }
+
+    /// [`connect`](Self::connect) on a stream slot reserved beforehand,
+    /// sending what `source` writes meanwhile behind the request, without
+    /// waiting for the answer ([`super::early`]); `early` tells what became
+    /// of those bytes, also when the stream is refused.
     pub(crate) async fn open(
         &self,
         permit: StreamPermit,
         target: SocketAddr,
+        source: &mut impl EarlySource,
+        early: &mut Early,
     ) -> Result<HboneStream, TunnelError> {
         let request = Request::builder()
             .method(Method::CONNECT)
@@ -143,8 +164,19 @@ impl HboneClient {
             // Fails fast once the connection is gone. Past the peer's stream
             // limit, h2 queues the stream and the response waits for a slot.
             let mut sender = self.send.clone().ready().await?;
-            let (response, send) = sender.send_request(request, false)?;
-            Ok::<_, h2::Error>((response.await?, send))
+            let (response, mut send) = sender.send_request(request, false)?;
+            let mut response = std::pin::pin!(response);
+            let response = poll_fn(|cx| {
+                if let Poll::Ready(answer) = response.as_mut().poll(cx) {
+                    return Poll::Ready(answer);
+                }
+                match early.pump(cx, source, &mut send) {
+                    Ok(()) => Poll::Pending,
+                    Err(e) => Poll::Ready(Err(e)),
+                }
+            })
+            .await?;
+            Ok::<_, h2::Error>((response, send))
         };
         // On timeout the dropped request resets the stream.
         let (response, send) = tokio::time::timeout(self.stream_open_timeout, opening)

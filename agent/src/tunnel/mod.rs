@@ -27,6 +27,7 @@
 mod authority;
 mod client;
 mod config;
+mod early;
 mod liveness;
 mod pool;
 mod read_ahead;
@@ -48,6 +49,7 @@ use http::StatusCode;
 
 pub use client::{CloseReason, HboneClient};
 pub use config::TunnelConfig;
+pub use early::{EARLY_MAX, Early, EarlySource};
 pub use pool::{PoolObserver, TunnelLease, TunnelPool};
 pub use read_ahead::ReadAhead;
 pub use server::{InboundRequest, serve};

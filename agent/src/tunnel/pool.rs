@@ -15,7 +15,9 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 
 use super::{
-    CloseReason, HboneClient, HboneStream, TunnelConfig, TunnelError, usage::StreamPermit,
+    CloseReason, HboneClient, HboneStream, TunnelConfig, TunnelError,
+    early::{Early, EarlySource, NoEarly},
+    usage::StreamPermit,
 };
 
 /// Keeps live [`HboneClient`]s per key (in the agent: source identity and
@@ -93,7 +95,19 @@ impl TunnelLease {
     /// Opens the CONNECT stream to `target` in the reserved slot; see
     /// [`HboneClient::connect`].
     pub async fn connect(self, target: SocketAddr) -> Result<HboneStream, TunnelError> {
-        self.client.open(self.permit, target).await
+        self.connect_with_early(target, &mut NoEarly, &mut Early::default())
+            .await
+    }
+
+    /// [`connect`](Self::connect), sending what `source` writes meanwhile
+    /// behind the request; see [`HboneClient::open`].
+    pub async fn connect_with_early(
+        self,
+        target: SocketAddr,
+        source: &mut impl EarlySource,
+        early: &mut Early,
+    ) -> Result<HboneStream, TunnelError> {
+        self.client.open(self.permit, target, source, early).await
     }
 
     pub fn client(&self) -> &HboneClient {

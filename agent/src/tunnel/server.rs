@@ -105,6 +105,14 @@ impl InboundRequest {
         &self.headers
     }
 
+    /// The next DATA the peer sent, before any answer (tests of early data).
+    #[cfg(test)]
+    pub(crate) async fn next_data(&mut self) -> Option<Bytes> {
+        let data = self.recv.data().await?.ok()?;
+        let _ = self.recv.flow_control().release_capacity(data.len());
+        Some(data)
+    }
+
     /// Answers 200 and returns the tunnel.
     pub fn accept(mut self) -> Result<HboneStream, TunnelError> {
         let send = self
