@@ -290,6 +290,7 @@ pub fn section(r: &Results, images: &str) -> String {
          | figure | value |\n|---|---|\n\
          | CPU of both agents per new connection | {} µs |\n\
          | CPU of both agents per 1,000 req/s (1 KiB each way) | {} cores |\n\
+         | context switches of both agents per new connection / per request at 1,000 req/s | {} / {} |\n\
          | added new-connection cost p50 / p99 | {} / {} µs |\n\
          | connection rate / plaintext | {}x |\n\
          | iperf3 1 stream / 4 streams, / plaintext | {}x / {}x |\n\
@@ -297,6 +298,8 @@ pub fn section(r: &Results, images: &str) -> String {
          | RSS per agent with {} idle captured connections (client / server side) | {} / {} MiB ({} / {} KiB per connection) |\n",
         fmt(v("conn_rate.node.cpu_us_per_conn")),
         fmt(v("cpu.1000rps.node.cores_per_1k_rps")),
+        fmt(v("conn_rate.node.switches_per_conn")),
+        fmt(v("cpu.1000rps.node.switches_per_req")),
         signed(diff(v("conn_cost.node.p50"), v("conn_cost.plaintext.p50"))),
         signed(diff(v("conn_cost.node.p99"), v("conn_cost.plaintext.p99"))),
         fmt(ratio(
