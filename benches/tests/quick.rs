@@ -117,6 +117,9 @@ fn quick_run_carries_traffic_in_every_mode_and_reports_every_figure() {
             // Its traffic went through its data plane.
             assert!(value(&format!("conn_rate.{mode}.cpu_us_per_conn")) > 0.0);
             assert!(value(&format!("scale.4.{mode}.memory_mib")) > 0.0);
+            // Its threads slept and woke for it.
+            assert!(value(&format!("conn_rate.{mode}.switches_per_conn")) > 0.0);
+            assert!(value(&format!("cpu.1000rps.{mode}.switches_per_req")) > 0.0);
         }
     }
     for key in &keys {
