@@ -45,8 +45,8 @@ pub enum Initiator {
 
 /// Copies both ways until both directions are closed, propagating
 /// half-closes, counting `early`'s bytes as sent (its error is the
-/// caller's to handle). On an error the
-/// bytes already relayed are still counted.
+/// caller's to handle). On an error the bytes already relayed are still
+/// counted.
 pub async fn relay_tunnel(
     socket: &mut TcpStream,
     tunnel: &mut HboneStream,
@@ -98,7 +98,7 @@ impl<'a> AppSocket<'a> {
 }
 
 impl EarlySource for AppSocket<'_> {
-    fn poll_early(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<std::io::Result<Bytes>> {
+    fn poll_early(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<Bytes>> {
         if !self.tried {
             // A socket accepted a moment ago has no readiness recorded yet,
             // so tokio would not even try: a raw `recv` finds what the
@@ -110,7 +110,7 @@ impl EarlySource for AppSocket<'_> {
                     buf.truncate(n);
                     return Poll::Ready(Ok(Bytes::from(buf)));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
