@@ -20,15 +20,19 @@ pub fn threads(pid: u32) -> Result<u64> {
     status_field(pid, "Threads:")
 }
 
-/// A numeric field of /proc/PID/status (a trailing "kB" ignored).
+/// A numeric field of /proc/PID/status.
 fn status_field(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
+    field_in(&status, field).with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// A numeric field of a status file's text (a trailing "kB" ignored).
+fn field_in(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// Descriptors and memory of a process at one moment.
@@ -99,16 +103,9 @@ pub fn context_switches(pid: u32) -> Result<u64> {
         let Ok(status) = std::fs::read_to_string(&path) else {
             continue;
         };
-        for line in status.lines() {
-            if let Some(v) = line
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                total += v
-                    .trim()
-                    .parse::<u64>()
-                    .with_context(|| format!("parsing {}", path.display()))?;
-            }
+        for field in ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"] {
+            total += field_in(&status, field)
+                .with_context(|| format!("no {field} in {}", path.display()))?;
         }
     }
     Ok(total)

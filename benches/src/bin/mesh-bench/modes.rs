@@ -4,13 +4,25 @@
 //! enrolled (captured by the node agents), sidecar-mode pods are listed with
 //! `sidecar: true` (the node agents leave them to their own sidecar).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use ambit_testbed::{Agent, Pod, Testbed, WorkloadEntry, procfs};
 use anyhow::{Context, Result};
 
+use crate::profile::Profile;
+
 pub const HTTP_PORT: u16 = 8080;
 pub const IPERF_PORT: u16 = 5201;
+
+/// What a data plane spent on one load ([`Bench::spent`]).
+pub struct Spent {
+    pub cpu_s: f64,
+    pub switches: u64,
+    pub elapsed: Duration,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -187,6 +199,29 @@ impl Bench {
             .into_iter()
             .map(procfs::context_switches)
             .sum()
+    }
+
+    /// Runs `load` and returns what `mode`'s data plane spent on it: CPU
+    /// seconds, context switches and the wall time, with a profile of
+    /// `phase` if one was asked for ([`Profile`]).
+    pub fn spent<T>(
+        &self,
+        mode: Mode,
+        phase: &str,
+        load: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, Spent)> {
+        let profile = Profile::start(self, mode, phase)?;
+        let (cpu, switches) = (self.data_plane_cpu(mode)?, self.data_plane_switches(mode)?);
+        let started = Instant::now();
+        let out = load()?;
+        let elapsed = started.elapsed();
+        drop(profile);
+        let spent = Spent {
+            cpu_s: self.data_plane_cpu(mode)? - cpu,
+            switches: self.data_plane_switches(mode)? - switches,
+            elapsed,
+        };
+        Ok((out, spent))
     }
 
     /// Total RSS of `mode`'s data plane, KiB.

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 
 use crate::modes::{Bench, Mode};
 
-pub const DIR_VAR: &str = "MESH_BENCH_PERF_DIR";
+const DIR_VAR: &str = "MESH_BENCH_PERF_DIR";
 const ARGS_VAR: &str = "MESH_BENCH_PERF_ARGS";
 const DEFAULT_ARGS: &str = "record -F 1999 -g -e cpu-clock";
 
@@ -48,7 +48,7 @@ impl Profile {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting perf record (is linux-perf installed?)")?;
+            .with_context(|| format!("starting perf {perf_args} (is linux-perf installed?)"))?;
         // perf attaches before the load starts.
         std::thread::sleep(Duration::from_millis(300));
         Ok(Self { perf: Some(perf) })

@@ -3,7 +3,7 @@
 //! the data plane's CPU read around the loads. Rounds interleave the modes
 //! (the order rotates each round) so noise on the shared machine hits all.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
@@ -11,7 +11,6 @@ use serde_json::Value;
 use crate::{
     load::{ConnCost, ConnRate, OpenLoop},
     modes::{Bench, IPERF_PORT, Mode},
-    profile::Profile,
     results::{Config, Recorder},
 };
 
@@ -98,13 +97,10 @@ pub fn round(
 ) -> Result<()> {
     let m = mode.key();
     for rate in rates {
-        let profile = Profile::start(b, mode, &rate.label)?;
-        let (cpu, switches) = (b.data_plane_cpu(mode)?, b.data_plane_switches(mode)?);
-        let started = Instant::now();
-        let run = open_loop(b, mode, rate.rps, cfg.latency_seconds)?;
-        drop(profile);
-        let cores = (b.data_plane_cpu(mode)? - cpu) / started.elapsed().as_secs_f64();
-        let switches = b.data_plane_switches(mode)? - switches;
+        let (run, spent) = b.spent(mode, &rate.label, || {
+            open_loop(b, mode, rate.rps, cfg.latency_seconds)
+        })?;
+        let cores = spent.cpu_s / spent.elapsed.as_secs_f64();
         let key = format!("latency.{}.{m}", rate.label);
         let p = run.latency_us;
         for (q, v) in [
@@ -127,7 +123,7 @@ pub fn round(
         rec.record(
             format!("cpu.{}.{m}.switches_per_req", rate.label),
             "switches",
-            switches as f64 / (run.counts.requests.max(1) as f64),
+            spent.switches as f64 / (run.counts.requests.max(1) as f64),
         );
     }
     for streams in [1, 4] {
@@ -146,32 +142,29 @@ pub fn round(
     rec.record(format!("conn_cost.{m}.p50"), "µs", cost.latency_us.p50);
     rec.record(format!("conn_cost.{m}.p99"), "µs", cost.latency_us.p99);
     rec.record_counts(&format!("conn_cost.{m}"), "connections", cost.counts);
-    let profile = Profile::start(b, mode, "conn_rate")?;
-    let (cpu, switches) = (b.data_plane_cpu(mode)?, b.data_plane_switches(mode)?);
-    let rate: ConnRate = b.run_in(
-        &lane.client,
-        &[
-            "conn-rate",
-            &addr,
-            &cfg.conn_rate_seconds.to_string(),
-            &cfg.conn_rate_clients.to_string(),
-        ],
-        Duration::from_secs_f64(cfg.conn_rate_seconds + 120.0),
-    )?;
-    drop(profile);
-    let cpu = b.data_plane_cpu(mode)? - cpu;
-    let switches = b.data_plane_switches(mode)? - switches;
+    let (rate, spent) = b.spent(mode, "conn_rate", || {
+        b.run_in::<ConnRate>(
+            &lane.client,
+            &[
+                "conn-rate",
+                &addr,
+                &cfg.conn_rate_seconds.to_string(),
+                &cfg.conn_rate_clients.to_string(),
+            ],
+            Duration::from_secs_f64(cfg.conn_rate_seconds + 120.0),
+        )
+    })?;
     rec.record(format!("conn_rate.{m}.per_s"), "conn/s", rate.per_second);
     rec.record_counts(&format!("conn_rate.{m}"), "connections", rate.counts);
     rec.record(
         format!("conn_rate.{m}.cpu_us_per_conn"),
         "µs",
-        cpu * 1e6 / (rate.counts.requests.max(1) as f64),
+        spent.cpu_s * 1e6 / (rate.counts.requests.max(1) as f64),
     );
     rec.record(
         format!("conn_rate.{m}.switches_per_conn"),
         "switches",
-        switches as f64 / (rate.counts.requests.max(1) as f64),
+        spent.switches as f64 / (rate.counts.requests.max(1) as f64),
     );
     Ok(())
 }
