@@ -32,8 +32,9 @@ enum Task {
     Demo,
     /// Run the benchmarks with release builds: the mesh benchmark
     /// (plaintext vs node mode vs sidecar mode; results.json, plots and the
-    /// report in docs/), CNI ADD latency over 100 pods (cni-bench), and the
-    /// agent's footprint against cluster size (kube-scale).
+    /// report in docs/), the agents' instructions per connection and per
+    /// request (instr-bench), CNI ADD latency over 100 pods (cni-bench), and
+    /// the agent's footprint against cluster size (kube-scale).
     Bench {
         /// A short smoke run of the mesh benchmark only, written to --out
         /// (a temp dir by default), never to docs/.
@@ -151,7 +152,7 @@ fn bench(
     }
     run("mesh-bench", &args)?;
     if !quick {
-        for bin in ["cni-bench", "kube-scale"] {
+        for bin in ["instr-bench", "cni-bench", "kube-scale"] {
             run(bin, &[])?;
         }
     }

@@ -33,6 +33,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
     // Sidecar mode's capture rules (`ambit sidecar-init`).
     ("nftables", "/usr/sbin/nft"),
+    // instr-bench counts the agents' instructions under callgrind.
+    ("valgrind", "/usr/bin/valgrind"),
 ];
 
 pub fn run() -> Result<()> {
