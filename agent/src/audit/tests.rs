@@ -120,10 +120,19 @@ fn writer_stamps_node_and_chain_fields() {
 }
 
 #[test]
+fn sealing_links_the_next_record_as_a_hash_of_the_whole_line_would() {
+    let head = ChainHead::after(6, b"an earlier line");
+    let (line, next) = chain::seal(&mut sample(0), &head);
+    assert_eq!(next, ChainHead::after(7, &line));
+    let rec = chain::check_line(&line).expect("the record's own hash checks");
+    assert_eq!((rec.seq, rec.prev_hash), (7, head.prev_hash));
+}
+
+#[test]
 fn plaintext_source_has_no_spiffe_id_member() {
     let mut rec = sample(0);
     rec.source.as_mut().unwrap().spiffe_id = None;
-    let line = chain::seal(&mut rec, &ChainHead::genesis());
+    let line = chain::seal(&mut rec, &ChainHead::genesis()).0;
     let text = String::from_utf8(line).unwrap();
     assert!(!text.contains("\"source\":{\"spiffe_id\""), "{text}");
     assert!(text.contains("\"source\":{\"address\":\"198.18.0.5:43210\"}"));
@@ -132,14 +141,15 @@ fn plaintext_source_has_no_spiffe_id_member() {
 #[test]
 fn the_service_dialled_follows_the_destination_and_is_absent_otherwise() {
     let mut rec = sample(0);
-    let without = String::from_utf8(chain::seal(&mut rec.clone(), &ChainHead::genesis())).unwrap();
+    let without =
+        String::from_utf8(chain::seal(&mut rec.clone(), &ChainHead::genesis()).0).unwrap();
     assert!(!without.contains("\"service\""), "{without}");
     rec.service = Some(Service {
         name: "shop/backend".to_owned(),
         address: "198.19.0.10".parse().unwrap(),
         port: 80,
     });
-    let text = String::from_utf8(chain::seal(&mut rec, &ChainHead::genesis())).unwrap();
+    let text = String::from_utf8(chain::seal(&mut rec, &ChainHead::genesis()).0).unwrap();
     assert!(
         text.contains(
             "\"port\":8080},\"service\":{\"name\":\"shop/backend\",\"address\":\"198.19.0.10\",\"port\":80},\"decision\""
@@ -268,7 +278,7 @@ fn rotation_keeps_one_verifiable_chain_across_files() {
     let sealed_len = |i| {
         let mut rec = sample(i);
         rec.node = "node-a".to_owned();
-        chain::seal(&mut rec, &ChainHead::genesis()).len() as u64 + 1
+        chain::seal(&mut rec, &ChainHead::genesis()).0.len() as u64 + 1
     };
     let (decision, close) = (sealed_len(0), sealed_len(1));
     // Records alternate decision/close; close lines are longer. Three lines
@@ -456,7 +466,8 @@ static VALID_LOG: LazyLock<Vec<u8>> = LazyLock::new(|| {
     for i in 0..4 {
         let mut rec = sample(i);
         rec.node = "node-a".to_owned();
-        let line = chain::seal(&mut rec, &head);
+        // The next head from the line itself, not from seal's own.
+        let (line, _) = chain::seal(&mut rec, &head);
         head = ChainHead::after(rec.seq, &line);
         out.extend_from_slice(&line);
         out.push(b'\n');

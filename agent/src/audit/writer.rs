@@ -309,20 +309,20 @@ impl<S: Sink> Worker<S> {
 
     fn seal_and_write(&mut self, rec: &mut AuditRecord) -> io::Result<()> {
         rec.node.clone_from(&self.node);
-        let mut line = chain::seal(rec, &self.head);
+        let (mut line, mut next) = chain::seal(rec, &self.head);
         if let Some(anchor) = self.sink.make_room(line_len(&line))? {
             // The note goes first in the new file, so the chain itself says
             // where the retained records start and verify can tell rotation
             // from records cut off the head.
             let mut note = AuditRecord::rotated(anchor.seq, anchor.prev_hash);
             note.node.clone_from(&self.node);
-            let note_line = chain::seal(&mut note, &self.head);
+            let (note_line, after_note) = chain::seal(&mut note, &self.head);
             self.sink.write_line(&note_line)?;
-            self.head = ChainHead::after(note.seq, &note_line);
-            line = chain::seal(rec, &self.head);
+            self.head = after_note;
+            (line, next) = chain::seal(rec, &self.head);
         }
         self.sink.write_line(&line)?;
-        self.head = ChainHead::after(rec.seq, &line);
+        self.head = next;
         Ok(())
     }
 }

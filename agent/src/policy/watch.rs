@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use sha2::{Digest, Sha256};
+use ring::digest::{Context, SHA256};
 use tokio::sync::watch;
 
 use super::{LoadErrors, PolicySet, Settings, load};
@@ -143,15 +143,15 @@ type Sources = Result<Vec<(PathBuf, String)>, LoadErrors>;
 /// directory has one too, so a lasting error is logged once).
 fn read(paths: &[PathBuf]) -> (Sources, [u8; 32]) {
     let sources = load::read_sources(paths);
-    let mut hash = Sha256::new();
+    let mut hash = Context::new(&SHA256);
     match &sources {
         Ok(files) => {
             for (path, text) in files {
                 // Lengths first, so ("a", "bc") and ("ab", "c") differ.
                 let path = path.as_os_str().as_encoded_bytes();
-                hash.update((path.len() as u64).to_le_bytes());
+                hash.update(&(path.len() as u64).to_le_bytes());
                 hash.update(path);
-                hash.update((text.len() as u64).to_le_bytes());
+                hash.update(&(text.len() as u64).to_le_bytes());
                 hash.update(text.as_bytes());
             }
         }
@@ -160,5 +160,10 @@ fn read(paths: &[PathBuf]) -> (Sources, [u8; 32]) {
             hash.update(errors.to_string().as_bytes());
         }
     }
-    (sources, hash.finalize().into())
+    let fingerprint = hash
+        .finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes");
+    (sources, fingerprint)
 }

@@ -14,7 +14,7 @@
 
 use std::{
     future::poll_fn,
-    io::{self, Read},
+    io,
     pin::Pin,
     task::{Context, Poll, ready},
     time::Instant,
@@ -104,11 +104,14 @@ impl EarlySource for AppSocket<'_> {
             // so tokio would not even try: a raw `recv` finds what the
             // application already wrote, to leave with the request headers.
             self.tried = true;
-            let mut buf = vec![0; max];
-            match (&*SockRef::from(&*self.socket)).read(&mut buf) {
+            // Uninitialised: zeroing 16 KiB per connection showed in
+            // callgrind as a tenth of the client agent's instructions.
+            let mut buf = BytesMut::with_capacity(max);
+            match SockRef::from(&*self.socket).recv(&mut buf.spare_capacity_mut()[..max]) {
                 Ok(n) => {
-                    buf.truncate(n);
-                    return Poll::Ready(Ok(Bytes::from(buf)));
+                    // SAFETY: recv initialised the first n bytes.
+                    unsafe { buf.set_len(n) };
+                    return Poll::Ready(Ok(buf.freeze()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
