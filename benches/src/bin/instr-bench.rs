@@ -235,9 +235,13 @@ impl Window {
         // client's last close (the writers batch for 5 ms).
         std::thread::sleep(Duration::from_millis(500));
         let seconds = start.elapsed().as_secs_f64();
+        // Both dumps asked for before either is waited on, so each agent's
+        // window ends at the same moment and lasts `seconds`.
+        for (_, agent) in agents {
+            callgrind_control(agent, &[&format!("--dump={name}")])?;
+        }
         let (mut instructions, mut top) = (Vec::new(), serde_json::Map::new());
         for ((role, agent), before) in agents.iter().zip(before) {
-            callgrind_control(agent, &[&format!("--dump={name}")])?;
             let file = wait_for_dump(out, agent, before + 1)?;
             instructions.push((*role, totals(&file)?));
             top.insert(role.to_string(), json!(top_functions(&file)?));
