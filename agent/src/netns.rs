@@ -121,13 +121,16 @@ impl Netns {
     /// listens on both IPv6 and IPv4; any other IPv6 address on IPv6 only.
     pub fn listen(&self, addr: SocketAddr, mark: u32) -> Result<std::net::TcpListener> {
         self.run_blocking(move || -> io::Result<_> {
-            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            let socket = Socket::new(
+                Domain::for_address(addr),
+                nonblocking_stream(),
+                Some(Protocol::TCP),
+            )?;
             if addr.is_ipv6() {
                 socket.set_only_v6(!addr.ip().is_unspecified())?;
             }
             set_mark(&socket, mark)?;
             socket.set_reuse_address(true)?;
-            socket.set_nonblocking(true)?;
             socket.bind(&addr.into())?;
             socket.listen(1024)?;
             Ok(socket.into())
@@ -171,11 +174,14 @@ impl Netns {
     fn tcp_socket(&self, dst: SocketAddr, mark: u32) -> Result<Socket> {
         let socket = self
             .run_blocking(|| {
-                Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
+                Socket::new(
+                    Domain::for_address(dst),
+                    nonblocking_stream(),
+                    Some(Protocol::TCP),
+                )
             })?
             .with_context(|| format!("creating a socket in {}", self.path.display()))?;
         set_mark(&socket, mark)?;
-        socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         Ok(socket)
     }
@@ -206,6 +212,13 @@ impl Netns {
         })?
         .with_context(|| format!("listing the addresses in {}", self.path.display()))
     }
+}
+
+/// A TCP socket type made non-blocking by socket(2) itself (socket2 adds
+/// close-on-exec): the async runtime needs it so, and setting it afterwards
+/// costs two fcntl calls per connection.
+fn nonblocking_stream() -> Type {
+    Type::STREAM.nonblocking()
 }
 
 /// SO_MARK, unless `mark` is 0: a sidecar exempted by uid runs without
