@@ -37,11 +37,16 @@ impl ChainHead {
 
     /// The head after `line` (without its newline) was written as `seq`.
     pub fn after(seq: u64, line: &[u8]) -> Self {
+        Self::linked(seq, sha256_hex(line))
+    }
+
+    /// The head after the line numbered `seq` whose SHA-256 is `line_hash`.
+    fn linked(seq: u64, line_hash: String) -> Self {
         ChainHead {
             // Saturating: `seq` comes from files being verified, which must not
             // be able to panic the verifier.
             next_seq: seq.saturating_add(1),
-            prev_hash: sha256_hex(line),
+            prev_hash: line_hash,
         }
     }
 }
@@ -78,10 +83,7 @@ pub fn seal(rec: &mut AuditRecord, head: &ChainHead) -> (Vec<u8>, ChainHead) {
     line.extend_from_slice(hash.as_bytes());
     line.extend_from_slice(HASH_SUFFIX);
     common.update(&line[start..]);
-    let next = ChainHead {
-        next_seq: rec.seq.saturating_add(1),
-        prev_hash: hex_digest(common.finish()),
-    };
+    let next = ChainHead::linked(rec.seq, hex_digest(common.finish()));
     rec.hash = hash;
     (line, next)
 }
